@@ -1,0 +1,40 @@
+"""`loop-ray <command> [args]`: each command lives in its own module with a `main(argv)`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("loop_ray.system.driver", "train LOOP (or another preset) with the Ray actor-learner system"),
+    "eval": ("loop_ray.evaluate", "mean reward per prompt category on held-out prompts, with an image grid"),
+    "sample": ("loop_ray.evaluate", "sample images for prompts into a grid PNG (eval's sampling path)"),
+    "pretrain-toy": ("loop_ray.toy.pretrain", "pre-train the embedded world's small text-to-image model"),
+    "config": ("loop_ray.config_cli", "config show CONFIG [--set key=value ...]: print the resolved config"),
+    "bench": ("loop_ray.bench", "speed and memory benchmarks as ratios against baselines"),
+    "study": ("loop_ray.study", "the paper's efficiency-effectiveness study on the embedded world"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: loop-ray <command> [args]", "", "commands:"]
+    lines += [f"  {name:<14}{doc}" for name, (_, doc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"loop-ray: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    entry = getattr(module, "main_" + name.replace("-", "_"), None) or module.main
+    return int(entry(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

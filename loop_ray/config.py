@@ -1,0 +1,293 @@
+"""Typed configuration of one loop-ray experiment.
+
+One YAML file describes one experiment; `load_config(path, overrides)` reads it, applies the
+algorithm preset (see `loop_ray.algorithms.PRESETS`), applies `--set a.b.c=value` overrides and
+validates the result. Every error names the key path and the file it came from.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key path and the file."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """The denoiser stack. `kind`: `toy` (the embedded model), `stable_diffusion` (diffusers folder
+    or a Hugging Face id from the local cache) or `tiny_sd` (a randomly initialised SD-shaped stack,
+    for tests and benchmarks)."""
+
+    kind: Literal["toy", "stable_diffusion", "tiny_sd"] = "toy"
+    path: str | None = None  # None with kind=toy means the committed embedded checkpoint
+    revision: str | None = None
+    lora_rank: int = Field(0, ge=0)  # 0 = train the full UNet; >0 = peft LoRA adapters of this rank
+    lora_alpha: float | None = None  # None = lora_rank
+    sample_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # autocast dtype while sampling
+    seed: int = 0  # init seed of kind=tiny_sd
+
+
+class SamplingConfig(_Section):
+    num_steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(2.0, ge=0.0)
+    eta: float = Field(1.0, ge=0.0)
+    k: int = Field(4, ge=1)  # K trajectories per prompt
+    prompts_per_iteration: int = Field(16, ge=1)  # prompts per iteration (each K samples)
+    batch_size: int = Field(16, ge=1)  # samples per sampler forward chunk
+
+
+class PromptsConfig(_Section):
+    """Prompt sources: `toy:train`, `toy:val`, `toy:pretrain`, `compbench:color_val`,
+    `ddpo:simple_animals`, or a path to a text file with one prompt a line."""
+
+    train: str = "toy:train"
+    val: str = "toy:val"
+
+
+class RewardTerm(_Section):
+    name: str
+    weight: float = 1.0
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class RewardConfig(_Section):
+    terms: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="toy_binding")], min_length=1)
+    batch_size: int = Field(32, ge=1)  # images per reward call
+
+
+class AlgorithmConfig(_Section):
+    preset: Literal["reinforce", "reinforce_bc", "rloo", "ppo", "loop", "grpo"] | None = "loop"
+    advantage: Literal["none", "prompt_mean", "leave_one_out", "group_std", "stat_tracker"] = "leave_one_out"
+    importance_sampling: bool = True
+    clip_eps: float = Field(1e-4, gt=0.0)
+    inner_epochs: int = Field(1, ge=1)
+    timestep_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    adv_clip_max: float = Field(5.0, gt=0.0)
+    skip_first_steps: int = Field(0, ge=0)  # DDIM steps at the start left out of the loss
+    skip_last_steps: int = Field(0, ge=0)  # DDIM steps at the end left out of the loss
+    stat_tracker_buffer: int = Field(16, ge=1)
+    stat_tracker_min_count: int = Field(16, ge=1)
+    std_eps: float = Field(1e-6, gt=0.0)  # group_std / stat_tracker denominator epsilon
+
+
+class LearnerConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    num_cpus_per_worker: float = Field(1.0, ge=0.0)
+    num_gpus_per_worker: float = Field(0.0, ge=0.0)
+    lr: float = Field(1e-5, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    zero_stage: int = Field(0, ge=0, le=3)
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    minibatch_size: int = Field(4, ge=1)  # samples per worker per forward
+    minibatches_per_step: int = Field(1, ge=1)  # optimizer step every N minibatches
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class ClusterConfig(_Section):
+    address: str | None = None  # None: RAY_ADDRESS or a local single-node Ray
+    num_samplers: int = Field(1, ge=1)
+    sampler_cpus: float = Field(1.0, ge=0.0)
+    sampler_gpus: float = Field(0.0, ge=0.0)
+    num_reward_workers: int = Field(1, ge=1)
+    reward_cpus: float = Field(1.0, ge=0.0)
+    reward_gpus: float = Field(0.0, ge=0.0)
+    mode: Literal["sync", "async"] = "sync"
+    max_staleness: int = Field(0, ge=0)
+    torch_threads: int = Field(1, ge=1)  # torch threads in every process and actor
+    max_restarts: int = Field(3, ge=0)
+
+
+class EvalConfig(_Section):
+    every: int = Field(0, ge=0)  # iterations between evaluations; 0 = before and after only
+    images_per_prompt: int = Field(10, ge=1)
+    max_prompts: int | None = Field(None, ge=1)
+    seed: int = 1234
+    batch_size: int = Field(32, ge=1)
+    grid_prompts: int = Field(8, ge=0)  # prompts shown in the eval image grid
+
+
+class LoggingConfig(_Section):
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(0, ge=0)  # iterations between checkpoints; 0 = only at the end
+    keep_last: int = Field(2, ge=1)
+
+
+class ExperimentConfig(_Section):
+    name: str = "experiment"
+    seed: int = 0
+    iterations: int = Field(10, ge=0)
+    output_dir: str = "runs"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> ExperimentConfig:
+        algo, k = self.algorithm, self.sampling.k
+        if algo.advantage in ("leave_one_out", "prompt_mean", "group_std") and k < 2:
+            raise ValueError(
+                f"sampling.k={k}: algorithm.advantage={algo.advantage!r} compares the K samples of a "
+                "prompt and needs sampling.k >= 2"
+            )
+        if not algo.importance_sampling and algo.inner_epochs != 1:
+            raise ValueError(
+                f"algorithm.inner_epochs={algo.inner_epochs}: without importance sampling the objective "
+                "is on-policy, so only one epoch over a batch is valid"
+            )
+        total = self.sampling.prompts_per_iteration * k
+        workers = self.learner.num_workers
+        if total % workers:
+            raise ValueError(
+                f"learner.num_workers={workers}: the batch of sampling.prompts_per_iteration x sampling.k "
+                f"= {total} samples is not divisible by it"
+            )
+        shard = total // workers
+        per_step = self.learner.minibatch_size * self.learner.minibatches_per_step
+        if shard % per_step:
+            raise ValueError(
+                f"learner.minibatch_size={self.learner.minibatch_size} x learner.minibatches_per_step="
+                f"{self.learner.minibatches_per_step}: does not divide the {shard} samples each learner "
+                "worker receives per iteration"
+            )
+        if algo.skip_first_steps + algo.skip_last_steps >= self.sampling.num_steps:
+            raise ValueError(
+                "algorithm.skip_first_steps + algorithm.skip_last_steps leave no DDIM step of "
+                f"sampling.num_steps={self.sampling.num_steps} to train on"
+            )
+        if self.cluster.mode == "sync" and self.cluster.max_staleness != 0:
+            raise ValueError("cluster.max_staleness must be 0 in cluster.mode=sync")
+        if self.model.kind == "stable_diffusion" and not self.model.path:
+            raise ValueError("model.path is required with model.kind=stable_diffusion")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML -> preset -> overrides -> validation
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars: 1e-4, true, null, [1, 2], 'text'."""
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def apply_override(data: dict, dotted: str, value: Any, source: str = "--set") -> None:
+    """Set `data[a][b][c] = value` for `dotted = "a.b.c"`; list items are addressed by index."""
+    keys = dotted.split(".")
+    node: Any = data
+    for i, key in enumerate(keys[:-1]):
+        path = ".".join(keys[: i + 1])
+        if isinstance(node, list):
+            node = node[_list_index(node, key, path, source)]
+            continue
+        if key not in node or node[key] is None:
+            node[key] = {}
+        node = node[key]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"{source}: {path} is a value, not a section; cannot set {dotted}")
+    last = keys[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, dotted, source)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, key: str, path: str, source: str) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise ConfigError(f"{source}: {path}: {key!r} is not an index of a list of {len(node)} items")
+    return int(key)
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. algorithm.clip_eps=1e-4")
+        key, _, raw = item.partition("=")
+        out[key.strip()] = _parse_value(raw)
+    return out
+
+
+def _apply_preset(data: dict, source: str) -> None:
+    """Fill the preset's values where the file does not set them (the file wins)."""
+    from loop_ray.algorithms import PRESETS
+
+    preset = (data.get("algorithm") or {}).get("preset", AlgorithmConfig.model_fields["preset"].default)
+    if preset is None:
+        return
+    if preset not in PRESETS:
+        raise ConfigError(f"{source}: algorithm.preset: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    for dotted, value in PRESETS[preset].items():
+        section, key = dotted.split(".")
+        sect = data.setdefault(section, {}) or {}
+        data[section] = sect
+        sect.setdefault(key, value)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict, source: str = "<dict>", overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    data = copy.deepcopy(data) if data else {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        apply_override(data, dotted, value, source=f"{source} (--set {dotted})")
+    _apply_preset(data, source)
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment file, apply its preset and `--set` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    return config_from_dict(data, source=str(path), overrides=overrides)
+
+
+def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def config_to_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

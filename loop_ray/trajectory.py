@@ -1,0 +1,76 @@
+"""TrajectoryBatch: the one record that travels from sampler to reward server to learner.
+
+B samples, T DDIM steps. Samples of one prompt share a `group_ids` value; the K samples of a
+group are the leave-one-out group. Tensors are on the CPU when the record crosses Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+
+@dataclass
+class TrajectoryBatch:
+    prompts: list[str]  # [B] prompt text
+    prompt_ids: torch.Tensor  # [B] long: index of the prompt in its source
+    group_ids: torch.Tensor  # [B] long: samples of one prompt in one iteration share it
+    seeds: torch.Tensor  # [B] long: the per-sample seed that fixed x_T and every step's noise
+    prompt_embeds: torch.Tensor  # [B, L, D] text-encoder states of the prompt
+    negative_embeds: torch.Tensor  # [B, L, D] text-encoder states of the empty prompt (CFG)
+    latents: torch.Tensor  # [B, T+1, C, H, W]: x_T ... x_0 (latents[:, j] is the input of step j)
+    timesteps: torch.Tensor  # [B, T] long: the scheduler timestep of step j
+    log_probs: torch.Tensor  # [B, T] float32: logp_old of x_{j+1} given x_j under the behaviour policy
+    images: torch.Tensor  # [B, H, W, 3] uint8 decoded x_0
+    version: int = 0  # policy version that sampled the batch
+    rewards: torch.Tensor | None = None  # [B] float32, after scoring
+    advantages: torch.Tensor | None = None  # [B] float32, after the advantage estimator
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.shape[1]
+
+    def select(self, index: torch.Tensor | list[int] | slice) -> TrajectoryBatch:
+        """The sub-batch of the given sample indices (or slice)."""
+        if isinstance(index, slice):
+            idx = torch.arange(len(self))[index]
+        else:
+            idx = torch.as_tensor(index, dtype=torch.long)
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                out[f.name] = value[idx]
+            elif isinstance(value, list):
+                out[f.name] = [value[i] for i in idx.tolist()]
+            else:
+                out[f.name] = value
+        return TrajectoryBatch(**out)
+
+    def to(self, device: torch.device | str) -> TrajectoryBatch:
+        return replace(
+            self,
+            **{f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)},
+        )
+
+    @staticmethod
+    def concat(batches: list[TrajectoryBatch]) -> TrajectoryBatch:
+        """Concatenate along the sample axis; `version` becomes the oldest version present."""
+        if not batches:
+            raise ValueError("TrajectoryBatch.concat needs at least one batch")
+        out = {}
+        for f in fields(TrajectoryBatch):
+            values = [getattr(b, f.name) for b in batches]
+            if f.name == "version":
+                out[f.name] = min(values)
+            elif f.name in ("rewards", "advantages"):
+                out[f.name] = None if any(v is None for v in values) else torch.cat(values)
+            elif isinstance(values[0], list):
+                out[f.name] = [x for v in values for x in v]
+            else:
+                out[f.name] = torch.cat(values)
+        return TrajectoryBatch(**out)
