@@ -198,13 +198,19 @@ def apply_override(data: dict, dotted: str, value: Any, source: str = "--set") -
     """Set `data[a][b][c] = value` for `dotted = "a.b.c"`; list items are addressed by index."""
     keys = dotted.split(".")
     node: Any = data
+    default: Any = ExperimentConfig().model_dump(mode="json")
     for i, key in enumerate(keys[:-1]):
         path = ".".join(keys[: i + 1])
         if isinstance(node, list):
-            node = node[_list_index(node, key, path, source)]
+            index = _list_index(node, key, path, source)
+            node = node[index]
+            default = default[index] if isinstance(default, list) and index < len(default) else None
             continue
+        default = default.get(key) if isinstance(default, dict) else None
         if key not in node or node[key] is None:
-            node[key] = {}
+            # a list (reward.terms) is copied from the defaults so its items can be addressed by
+            # index; a missing section starts empty so a preset can still fill it
+            node[key] = copy.deepcopy(default) if isinstance(default, list) else {}
         node = node[key]
         if not isinstance(node, (dict, list)):
             raise ConfigError(f"{source}: {path} is a value, not a section; cannot set {dotted}")
