@@ -84,6 +84,7 @@ class LearnerConfig(_Section):
     num_workers: int = Field(1, ge=1)
     num_cpus_per_worker: float = Field(1.0, ge=0.0)
     num_gpus_per_worker: float = Field(0.0, ge=0.0)
+    resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources (node-type placement)
     lr: float = Field(1e-5, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -101,9 +102,11 @@ class ClusterConfig(_Section):
     num_samplers: int = Field(1, ge=1)
     sampler_cpus: float = Field(1.0, ge=0.0)
     sampler_gpus: float = Field(0.0, ge=0.0)
+    sampler_resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources, e.g. {sampler_node: 1}
     num_reward_workers: int = Field(1, ge=1)
     reward_cpus: float = Field(1.0, ge=0.0)
     reward_gpus: float = Field(0.0, ge=0.0)
+    reward_resources: dict[str, float] = Field(default_factory=dict)
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = Field(0, ge=0)
     torch_threads: int = Field(1, ge=1)  # torch threads in every process and actor
