@@ -1,0 +1,328 @@
+"""Rewards on tiny randomly initialised models of the real classes (open_clip CLIP, transformers BLIP)
+and the real LAION aesthetic head; nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from loop_ray.prompts import load_prompts
+from loop_ray.rewards import available_rewards, build_reward
+
+torch.set_num_threads(1)
+
+SHARED_HEAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "ddpo" / "sac+logos+ava1-l14-linearMSE.pth"
+PROMPTS = ["a green bench and a red car", "a cat", "a round clock and a square table",
+           "A brown purse is sitting on a green bench.", "a dog", "fluffy clouds and a wooden floor",
+           "a blue cup", "rubber gloves and a metallic spoon"]
+
+
+def _images(n: int = 8, size: int = 48, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+    images[1] = 128  # a flat image
+    images[2, :, : size // 2] = (255, 0, 0)
+    return images
+
+
+def _batch_equivalent(reward, images, prompts, atol):
+    whole = reward(images, prompts)
+    single = np.concatenate([reward(images[i:i + 1], prompts[i:i + 1]) for i in range(len(images))])
+    assert whole.dtype == np.float32 and whole.shape == (len(images),)
+    np.testing.assert_allclose(whole, single, rtol=1e-5, atol=atol)
+    np.testing.assert_array_equal(whole, reward(images, prompts))  # deterministic
+    return whole
+
+
+def test_all_rewards_registered():
+    names = available_rewards()
+    for name in ("jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "clip_score", "blip_vqa"):
+        assert name in names
+
+
+# ---------------------------------------------------------------------------------------------
+# JPEG
+
+
+def test_jpeg_rewards_follow_ddpo_definition(tmp_path):
+    from PIL import Image
+
+    images = _images()
+    inc = build_reward("jpeg_incompressibility")
+    comp = build_reward("jpeg_compressibility")
+    sizes = _batch_equivalent(inc, images, PROMPTS, atol=0)
+    np.testing.assert_array_equal(comp(images, PROMPTS), -sizes)
+    for i in (0, 1):  # size in kB (1000 bytes) of the quality-95 JPEG file, measured on disk
+        Image.fromarray(images[i]).save(tmp_path / "x.jpg", quality=95)
+        assert sizes[i] == pytest.approx((tmp_path / "x.jpg").stat().st_size / 1000, abs=1e-6)
+    assert sizes[0] > 5 * sizes[1]  # noise is incompressible, a flat image is not
+    low = build_reward("jpeg_incompressibility", quality=50)(images, PROMPTS)
+    assert low[0] < 0.7 * sizes[0] and low[2] < sizes[2]
+    with pytest.raises(ValueError, match="uint8"):
+        inc(images.astype(np.float32), PROMPTS)
+    with pytest.raises(ValueError, match="quality"):
+        build_reward("jpeg_compressibility", quality=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# open_clip: a tiny random model saved as an open_clip local-dir folder
+
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {}}))
+    torch.manual_seed(0)
+    model = open_clip.create_model(f"local-dir:{folder}")
+    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    return folder
+
+
+def _manual_clip_features(folder, images, prompts):
+    import open_clip
+    from PIL import Image
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    with torch.no_grad():
+        img = model.encode_image(torch.stack([preprocess(Image.fromarray(im)) for im in images]))
+        txt = model.encode_text(tokenizer(prompts))
+    return img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
+
+
+def test_clip_score_tiny_model(tiny_clip_dir):
+    images = _images()
+    reward = build_reward("clip_score", model_name=f"local-dir:{tiny_clip_dir}", device="cpu", batch_size=3)
+    scores = _batch_equivalent(reward, images, PROMPTS, atol=1e-4)
+    assert np.all(np.abs(scores) <= 100.0)
+    img, txt = _manual_clip_features(tiny_clip_dir, images, PROMPTS)
+    np.testing.assert_allclose(scores, (100 * (img * txt).sum(-1)).numpy(), atol=1e-3)
+    other = reward(images, PROMPTS[::-1])
+    assert not np.allclose(other, scores)  # the score depends on the prompt
+
+
+def test_clip_score_builtin_name_with_weights_file(tiny_clip_dir, tmp_path):
+    import open_clip
+
+    (tmp_path / "loopray-test-tiny.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(tmp_path / "loopray-test-tiny.json")
+    weights = str(tiny_clip_dir / "open_clip_pytorch_model.bin")
+    by_file = build_reward("clip_score", model_name="loopray-test-tiny", pretrained=weights, device="cpu")
+    by_dir = build_reward("clip_score", model_name=f"local-dir:{tiny_clip_dir}", device="cpu")
+    images = _images(4)
+    np.testing.assert_allclose(by_file(images, PROMPTS[:4]), by_dir(images, PROMPTS[:4]), atol=1e-5)
+
+
+def test_open_clip_missing_weights_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="put open_clip_config.json"):
+        build_reward("clip_score", model_name=f"local-dir:{tmp_path / 'nowhere'}")
+    with pytest.raises(FileNotFoundError, match="weights file .*missing.bin not found"):
+        build_reward("clip_score", model_name="ViT-L-14", pretrained=str(tmp_path / "missing.bin"))
+    start = time.monotonic()  # a tag not in the cache fails at once (no download attempts)
+    with pytest.raises(FileNotFoundError, match="not in the local cache"):
+        build_reward("aesthetic", model_name="ViT-L-14", pretrained="openai", cache_dir=str(tmp_path / "hf"))
+    assert time.monotonic() - start < 10
+    with pytest.raises(ValueError, match="not an open_clip architecture"):
+        build_reward("clip_score", model_name="no-such-model", pretrained="x")
+
+
+def test_open_clip_tag_resolves_from_local_cache_only(tmp_path):
+    from loop_ray.rewards.clip_score import _resolve_tag
+
+    # the layout huggingface_hub gives a cached file: refs/main -> snapshots/<commit>/<file>
+    repo = tmp_path / "models--timm--vit_large_patch14_clip_224.openai"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "open_clip_pytorch_model.bin").write_bytes(b"weights")
+    path, cfg = _resolve_tag("ViT-L-14", "openai", str(tmp_path))
+    assert Path(path).read_bytes() == b"weights"
+    assert cfg["quick_gelu"] is True  # OpenAI's ViT-L/14 uses QuickGELU: the loader forces it
+
+
+# ---------------------------------------------------------------------------------------------
+# Aesthetic
+
+
+def test_real_aesthetic_head_matches_hand_computation():
+    from loop_ray.rewards.aesthetic import default_head_path, load_head
+
+    head = load_head()  # the packaged copy
+    assert head.in_dim == 768
+    assert default_head_path().read_bytes() == SHARED_HEAD.read_bytes()
+    state = {k: v.double().numpy() for k, v in torch.load(SHARED_HEAD, map_location="cpu").items()}
+    rng = np.random.default_rng(0)
+    e = rng.standard_normal((3, 768))
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    h = e
+    for i in (0, 2, 4, 6, 7):  # Linear layers, no activations (dropouts are identities at eval)
+        h = h @ state[f"layers.{i}.weight"].T + state[f"layers.{i}.bias"]
+    got = head(torch.from_numpy(e).float()).double().numpy()
+    np.testing.assert_allclose(got, h[:, 0], rtol=1e-5, atol=1e-4)
+    assert np.all(np.isfinite(got)) and got.std() > 0
+
+
+def test_aesthetic_head_file_errors(tmp_path):
+    from loop_ray.rewards.aesthetic import load_head
+
+    with pytest.raises(FileNotFoundError, match="put sac\\+logos"):
+        load_head(tmp_path / "missing.pth")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="expected keys"):
+        load_head(tmp_path / "bad.pth")
+
+
+def test_aesthetic_pipeline_tiny_backbone(tiny_clip_dir, tmp_path):
+    from loop_ray.rewards.aesthetic import AestheticHead
+
+    torch.manual_seed(1)
+    head = AestheticHead(16)
+    torch.save(head.state_dict(), tmp_path / "head16.pth")
+    reward = build_reward("aesthetic", model_name=f"local-dir:{tiny_clip_dir}", head_path=str(tmp_path / "head16.pth"),
+                          device="cpu", batch_size=5)
+    images = _images()
+    scores = _batch_equivalent(reward, images, PROMPTS, atol=1e-5)
+    img, _ = _manual_clip_features(tiny_clip_dir, images, PROMPTS)
+    h = img.double()
+    for i in (0, 2, 4, 6, 7):
+        h = h @ head.layers[i].weight.detach().double().T + head.layers[i].bias.detach().double()
+    np.testing.assert_allclose(scores, h[:, 0].numpy(), atol=1e-4)
+    assert scores.std() > 0
+    with pytest.raises(ValueError, match="768"):  # the real head needs a 768-d backbone
+        build_reward("aesthetic", model_name=f"local-dir:{tiny_clip_dir}", device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# BLIP-VQA
+
+
+def test_noun_phrases_on_compbench_lines():
+    from loop_ray.rewards.blip_vqa import noun_phrases, vqa_questions
+
+    # the two-object template "a(n) ATTR NOUN and a(n) ATTR NOUN" (nouns of one to three words, article optional)
+    half = r"((?:an? )?[a-z]+(?: [a-z'-]+){1,3})"
+    template = re.compile(half + " and " + half)
+    function_words = {"a", "an", "with", "in", "on", "of", "is", "are", "has", "the", "and", "to", "by", "next"}
+    checked = 0
+    for category in ("color", "shape", "texture"):
+        for split in ("train", "val"):
+            for prompt in load_prompts(f"compbench:{category}_{split}").prompts:
+                m = template.fullmatch(prompt.lower().rstrip("."))
+                inner = m and m.group(1).split()[1:] + m.group(2).split()[1:]
+                if m and not function_words & set(inner):
+                    assert noun_phrases(prompt) == [m.group(1), m.group(2)], prompt
+                    checked += 1
+    assert checked > 2000
+    cases = {
+        "a green bench and a red car": ["a green bench", "a red car"],
+        "rubber sole shoes and fluffy clouds": ["rubber sole shoes", "fluffy clouds"],
+        "a triangular slice of cake and a spherical cake topper": ["a triangular slice of cake",
+                                                                   "a spherical cake topper"],
+        "A black and white cat sits in a black sink.": ["a black and white cat", "a black sink"],
+        "A man in a gray jacket standing in a kitchen next to a black dog.": [
+            "a man", "a gray jacket", "a kitchen", "a black dog"],
+        "two white sheep, a black goat and a white goat in a field": [
+            "two white sheep", "a black goat", "a white goat", "a field"],
+        "The fluffy snow falls on the metallic car and wooden fence.": [
+            "the fluffy snow", "the metallic car", "wooden fence"],
+        "The glass vase and metallic stand display the wooden flowers on the fabric dresser.": [
+            "the glass vase", "metallic stand", "the wooden flowers", "the fabric dresser"],
+        "A white dog standing in front of brown cabinets.": ["a white dog", "brown cabinets"],
+        "a cat on top": ["a cat"],  # T2I-CompBench drops "top"
+    }
+    for prompt, expected in cases.items():
+        assert noun_phrases(prompt) == expected, prompt
+    assert vqa_questions("a green bench and a red car") == ["a green bench?", "a red car?"]
+    assert vqa_questions("Sleeping.") == ["sleeping?"]
+
+
+def _write_vocab(path: Path) -> list[str]:
+    words = set()
+    for split in ("color_val", "shape_val", "texture_val"):
+        for prompt in load_prompts(f"compbench:{split}").prompts[:40]:
+            words.update(re.findall(r"[a-z]+", prompt.lower()))
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]", "?", ".", ",", "'", "-", "yes", "no"]
+             + list(letters) + ["##" + c for c in letters] + sorted(words - {"yes", "no"} - set(letters)))
+    path.write_text("\n".join(vocab) + "\n")
+    return vocab
+
+
+@pytest.fixture(scope="module")
+def tiny_blip_dir(tmp_path_factory):
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForQuestionAnswering,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    folder = tmp_path_factory.mktemp("tiny_blip")
+    vocab = _write_vocab(folder / "vocab.txt")
+    assert 150 < len(vocab) < 1000
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]")
+    processor = BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer)
+    config = BlipConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "max_position_embeddings": 64, "encoder_hidden_size": 32,
+                     "pad_token_id": vocab.index("[PAD]"), "bos_token_id": vocab.index("[DEC]"),
+                     "sep_token_id": vocab.index("[SEP]")},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=32,
+    )
+    torch.manual_seed(0)
+    model = BlipForQuestionAnswering(config).eval()
+    with torch.no_grad():  # make "yes"/"no" logits depend visibly on the inputs
+        model.text_decoder.cls.predictions.decoder.weight.mul_(20.0)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_blip_vqa_tiny_model(tiny_blip_dir):
+    from loop_ray.rewards.blip_vqa import vqa_questions
+
+    reward = build_reward("blip_vqa", path=str(tiny_blip_dir), device="cpu", batch_size=5)
+    images = _images()
+    scores = _batch_equivalent(reward, images, PROMPTS, atol=1e-5)
+    assert np.all((scores >= 0) & (scores <= 1)) and scores.std() > 0
+
+    # each factor against transformers' own generate() logits for the question alone
+    model, processor = reward.model, reward.processor
+    yes, no = processor.tokenizer.convert_tokens_to_ids(["yes", "no"])
+    for i in (0, 3):
+        expected = 1.0
+        for q in vqa_questions(PROMPTS[i]):
+            inputs = processor(images=images[i], text=q, return_tensors="pt")
+            out = model.generate(**inputs, max_new_tokens=1, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+            logits = out.logits[0][0]
+            expected *= torch.softmax(torch.stack([logits[yes], logits[no]]), 0)[0].item()
+        assert scores[i] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert len(vqa_questions(PROMPTS[3])) == 2
+
+
+def test_blip_vqa_missing_weights(tmp_path):
+    with pytest.raises(FileNotFoundError, match="put a folder with the model and its processor"):
+        build_reward("blip_vqa", path=str(tmp_path / "blip-vqa-base"))
+    with pytest.raises(FileNotFoundError, match="BLIP VQA weights not found"):
+        build_reward("blip_vqa", path="Salesforce/no-such-model-in-cache")
+
