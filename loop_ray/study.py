@@ -1,0 +1,221 @@
+"""`loop-ray study`: the paper's efficiency-effectiveness comparison on the embedded world.
+
+Every method of the paper's study (REINFORCE, REINFORCE with a prompt-mean baseline, PPO = DDPO,
+LOOP with K = 2, 3, 4) and its neighbours (RLOO, GRPO) trains from the same pre-trained model with
+the same budget of generated images (so a method with K samples per prompt sees fewer prompts),
+with several seeds each, through the single-process loop (`loop_ray.local`), the same maths as the
+Ray system. It writes:
+  results.json   everything measured
+  table.md       held-out reward per prompt category, mean +- std over seeds (the paper's Tables 1-2)
+  curves.png     train reward against images seen, mean and 80 % interval over seeds (Figures 2-3)
+and the wall time and images/s of each run. `--quick` shrinks everything to a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+# label -> (preset, K)
+METHODS: dict[str, tuple[str, int]] = {
+    "reinforce": ("reinforce", 1),
+    "reinforce_bc": ("reinforce_bc", 4),
+    "ppo": ("ppo", 1),
+    "loop_k2": ("loop", 2),
+    "loop_k3": ("loop", 3),
+    "loop_k4": ("loop", 4),
+    "rloo": ("rloo", 4),
+    "grpo": ("grpo", 4),
+}
+
+
+def method_overrides(label: str, images_per_iteration: int) -> dict:
+    """Config overrides of one method: every key of its preset (so the base config's epochs or
+    estimator cannot leak into another method), its K, and prompts per iteration for the budget."""
+    from loop_ray.algorithms import PRESETS
+
+    preset, k = METHODS[label]
+    if images_per_iteration % k:
+        raise ValueError(f"study: images_per_iteration={images_per_iteration} is not divisible by K={k} ({label})")
+    return {**PRESETS[preset], "algorithm.preset": preset, "sampling.k": k,
+            "sampling.prompts_per_iteration": images_per_iteration // k}
+
+
+def _run_one(job: dict) -> dict:
+    """One (method, seed) run in its own process."""
+    from loop_ray.config import config_from_dict
+    from loop_ray.local import LocalRun
+    from loop_ray.utils import pin_threads
+
+    pin_threads(job["threads"])
+    import torch
+
+    overrides = {**job["overrides"], "seed": job["seed"], "name": f"{job['label']}-s{job['seed']}"}
+    cfg = config_from_dict(job["config"], source=job["source"], overrides=overrides)
+    torch.manual_seed(job["seed"])
+    start = time.perf_counter()
+    run = LocalRun(cfg, device=job["device"])
+    result = run.run()
+    wall = time.perf_counter() - start
+    history = result["history"]
+    return {
+        "label": job["label"],
+        "seed": job["seed"],
+        "preset": cfg.algorithm.preset,
+        "k": cfg.sampling.k,
+        "iterations": cfg.iterations,
+        "images_seen": [h["images_seen"] for h in history],
+        "train_reward": [h["reward_mean"] for h in history],
+        "before": result["before"],
+        "after": result["after"],
+        "wall_seconds": wall,
+        "train_images_per_second": history[-1]["images_seen"] / sum(
+            h["sample_score_seconds"] + h["learn_seconds"] for h in history
+        ) if history else float("nan"),
+        "clip_fraction": float(np.mean([h["learner/clip_fraction"] for h in history])) if history else float("nan"),
+    }
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Per method: held-out reward per category (mean, std over seeds), and time figures."""
+    out: dict[str, dict] = {}
+    for label in dict.fromkeys(r["label"] for r in runs):
+        rs = [r for r in runs if r["label"] == label]
+        cats = list(rs[0]["after"]["categories"])
+        table = {}
+        for c in [*cats, "all"]:
+            vals = [r["after"]["mean"] if c == "all" else r["after"]["categories"][c]["mean"] for r in rs]
+            before = [r["before"]["mean"] if c == "all" else r["before"]["categories"][c]["mean"] for r in rs]
+            table[c] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "before": float(np.mean(before))}
+        out[label] = {
+            "k": rs[0]["k"],
+            "seeds": len(rs),
+            "held_out": table,
+            "wall_seconds": float(np.mean([r["wall_seconds"] for r in rs])),
+            "train_images_per_second": float(np.mean([r["train_images_per_second"] for r in rs])),
+        }
+    return out
+
+
+def markdown_table(summary: dict, budget: int, device: str) -> str:
+    cats = list(next(iter(summary.values()))["held_out"])
+    lines = [
+        (f"Held-out reward after training on {budget} generated images per run (mean ± std over seeds; "
+         f"'pre-trained' is the model before RL). Device: {device}."),
+        "",
+        "| method | K | " + " | ".join(cats) + " | s/run | img/s |",
+        "|---|---|" + "---|" * len(cats) + "---|---|",
+    ]
+    first = next(iter(summary.values()))
+    lines.append("| pre-trained | – | " + " | ".join(f"{first['held_out'][c]['before']:.3f}" for c in cats) + " | | |")
+    for label, s in summary.items():
+        cells = " | ".join(f"{s['held_out'][c]['mean']:.3f} ± {s['held_out'][c]['std']:.3f}" for c in cats)
+        lines.append(f"| {label} | {s['k']} | {cells} | {s['wall_seconds']:.0f} | {s['train_images_per_second']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(runs: list[dict], path: Path) -> Path:
+    """Train reward against images seen: mean over seeds and the 10-90 % band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label in dict.fromkeys(r["label"] for r in runs):
+        rs = [r for r in runs if r["label"] == label]
+        x = np.asarray(rs[0]["images_seen"])
+        y = np.asarray([r["train_reward"] for r in rs])
+        ax.plot(x, y.mean(0), label=label)
+        if len(rs) > 1:
+            lo, hi = np.percentile(y, [10, 90], axis=0)
+            ax.fill_between(x, lo, hi, alpha=0.15)
+    ax.set_xlabel("images generated")
+    ax.set_ylabel("train reward (batch mean)")
+    ax.set_title("loop-ray study on the embedded world (80 % interval over seeds)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_study(config_path: str, out_dir: Path, methods: list[str], seeds: list[int], images_per_iteration: int,
+              iterations: int, device: str, workers: int, threads: int, extra: dict | None = None) -> dict:
+    import yaml
+
+    from loop_ray.config import config_from_dict
+
+    data = yaml.safe_load(Path(config_path).read_text()) or {}
+    base = {"iterations": iterations, **(extra or {})}
+    jobs = []
+    for label in methods:
+        overrides = {**base, **method_overrides(label, images_per_iteration)}
+        config_from_dict(data, source=config_path, overrides=overrides)  # fail fast, before any run
+        for seed in seeds:
+            jobs.append({"config": data, "source": config_path, "overrides": overrides, "label": label,
+                         "seed": seed, "device": device, "threads": threads})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if workers > 1:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            runs = list(pool.map(_run_one, jobs))
+    else:
+        runs = [_run_one(j) for j in jobs]
+    summary = summarise(runs)
+    device_name = device
+    if device.startswith("cuda"):
+        import torch
+
+        device_name = torch.cuda.get_device_name()
+    budget = images_per_iteration * iterations
+    report = {
+        "config": config_path, "device": device_name, "seeds": seeds, "images_per_iteration": images_per_iteration,
+        "iterations": iterations, "budget_images": budget, "wall_seconds": time.perf_counter() - start,
+        "summary": summary, "runs": runs, "command": " ".join(sys.argv),
+    }
+    (out_dir / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out_dir / "table.md").write_text(markdown_table(summary, budget, device_name))
+    plot_curves(runs, out_dir / "curves.png")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="loop-ray study", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/study.yaml", help="base experiment (default: configs/study.yaml)")
+    p.add_argument("--out", default="runs/study", help="output folder")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--images-per-iteration", type=int, default=48, help="divisible by every K (default 48)")
+    p.add_argument("--iterations", type=int, default=None, help="default: the config's")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=1, help="runs in parallel (processes)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 1 iteration, tiny sampling and eval")
+    args = p.parse_args(argv)
+    from loop_ray.config import load_config
+
+    cfg = load_config(args.config)
+    iterations = args.iterations if args.iterations is not None else cfg.iterations
+    extra = {}
+    seeds = list(range(args.seeds))
+    ipi = args.images_per_iteration
+    if args.quick:
+        seeds, iterations, ipi = [0], 1, 12
+        extra = {"sampling.num_steps": 4, "sampling.batch_size": 12, "learner.minibatch_size": 4,
+                 "learner.minibatches_per_step": 1, "eval.images_per_prompt": 2, "eval.max_prompts": 3,
+                 "eval.batch_size": 6}
+    report = run_study(args.config, Path(args.out), args.methods, seeds, ipi, iterations, args.device,
+                       args.workers, args.threads, extra)
+    print((Path(args.out) / "table.md").read_text())
+    print(f"wrote {args.out}/results.json, table.md, curves.png in {report['wall_seconds']:.0f} s")
+    return 0
