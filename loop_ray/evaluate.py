@@ -1,0 +1,261 @@
+"""`loop-ray eval` and `loop-ray sample`: held-out reward per prompt category, and image grids.
+
+Library pieces (the driver calls them too):
+  evaluate_policy(policy, reward, prompt_set, images_per_prompt, seed, batch_size) -> dict
+  format_table(result) -> str          per-category table
+  write_eval_json(result, path)        the result without its image array
+  save_grid(images, prompts, path)     one row of images per prompt, the prompt written beside it
+Image j of prompt i (i its index in the prompt source) uses the seed
+seed * 1_000_003 + i * images_per_prompt + j, the same seeds as the training driver's evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+SEED_STRIDE = 1_000_003
+
+
+def eval_seeds(seed: int, prompt_indices: Sequence[int], images_per_prompt: int) -> list[int]:
+    """Per-image seeds: seed * SEED_STRIDE + i * images_per_prompt + j for prompt index i, image j."""
+    k = images_per_prompt
+    return [seed * SEED_STRIDE + i * k + j for i in prompt_indices for j in range(k)]
+
+
+def _score(reward, images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Rewards [B] and, for a CompositeReward, each term's values."""
+    if hasattr(reward, "score"):
+        total, parts = reward.score(images, prompts)
+        return np.asarray(total, dtype=np.float32), {k: np.asarray(v, dtype=np.float32) for k, v in parts.items()}
+    return np.asarray(reward(images, prompts), dtype=np.float32), {}
+
+
+def evaluate_policy(
+    policy,
+    reward,
+    prompt_set,
+    images_per_prompt: int = 10,
+    seed: int = 1234,
+    batch_size: int = 32,
+    prompt_indices: Sequence[int] | None = None,
+    progress: bool = False,
+) -> dict:
+    """Sample `images_per_prompt` images per prompt with fixed seeds, score them, reduce per category.
+
+    policy: anything with `sample(prompts, k, seeds, batch_size=...) -> TrajectoryBatch`;
+    reward: a callable (images, prompts) -> [B] (a CompositeReward's terms are reported too);
+    prompt_set: a PromptSet (prompts with categories); prompt_indices: a subset (default all).
+    Returns a dict: "mean", "categories" {category: {"mean", "std", "prompts", "images"}}, "terms",
+    "per_prompt" [{"prompt", "category", "mean", "rewards"}], the settings, "seconds", and the arrays
+    "images" uint8 [P, K, H, W, 3] and "rewards" float32 [P, K].
+    """
+    from tqdm import tqdm
+
+    if images_per_prompt < 1:
+        raise ValueError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
+    indices = list(range(len(prompt_set))) if prompt_indices is None else [int(i) for i in prompt_indices]
+    if not indices:
+        raise ValueError(f"no prompts to evaluate in {getattr(prompt_set, 'source', 'the prompt set')}")
+    k = images_per_prompt
+    seeds = eval_seeds(seed, indices, k)
+    per_call = max(1, batch_size // k)  # whole prompts per sample() call keeps stored trajectories small
+    start = time.time()
+    images, rewards, parts = [], [], {}
+    for a in tqdm(range(0, len(indices), per_call), desc="eval", disable=not progress, file=sys.stderr):
+        chunk = indices[a : a + per_call]
+        prompts = [prompt_set.prompts[i] for i in chunk]
+        batch = policy.sample(prompts, k, seeds[a * k : (a + len(chunk)) * k], batch_size=batch_size)
+        imgs = np.asarray(batch.images.numpy() if hasattr(batch.images, "numpy") else batch.images, dtype=np.uint8)
+        r, p = _score(reward, imgs, list(batch.prompts))
+        images.append(imgs)
+        rewards.append(r)
+        for name, v in p.items():
+            parts.setdefault(name, []).append(v)
+    images_arr = np.concatenate(images).reshape(len(indices), k, *images[0].shape[1:])
+    rewards_arr = np.concatenate(rewards).reshape(len(indices), k)
+    cats = [prompt_set.categories[i] for i in indices]
+    categories = {}
+    for c in dict.fromkeys(cats):
+        rows = rewards_arr[[j for j, cc in enumerate(cats) if cc == c]]
+        categories[c] = {"mean": float(rows.mean()), "std": float(rows.std()), "prompts": len(rows), "images": rows.size}
+    return {
+        "mean": float(rewards_arr.mean()),
+        "categories": categories,
+        "terms": {name: float(np.concatenate(v).mean()) for name, v in parts.items()},
+        "per_prompt": [
+            {"prompt": prompt_set.prompts[i], "category": c, "mean": float(r.mean()), "rewards": [round(float(x), 4) for x in r]}
+            for i, c, r in zip(indices, cats, rewards_arr)
+        ],
+        "images_per_prompt": k,
+        "seed": seed,
+        "prompt_source": getattr(prompt_set, "source", None),
+        "seconds": round(time.time() - start, 2),
+        "images": images_arr,
+        "rewards": rewards_arr,
+    }
+
+
+def format_table(result: dict) -> str:
+    """The per-category table of an `evaluate_policy` result, with an "all" row."""
+    lines = [f"{'category':<24}{'prompts':>8}{'images':>8}{'reward':>9}{'std':>8}"]
+    for c, v in result["categories"].items():
+        lines.append(f"{c:<24}{v['prompts']:>8}{v['images']:>8}{v['mean']:>9.3f}{v['std']:>8.3f}")
+    n_prompts = sum(v["prompts"] for v in result["categories"].values())
+    n_images = sum(v["images"] for v in result["categories"].values())
+    lines.append(f"{'all':<24}{n_prompts:>8}{n_images:>8}{result['mean']:>9.3f}{'':>8}")
+    return "\n".join(lines)
+
+
+def write_eval_json(result: dict, path: str | Path, extra: dict | None = None) -> Path:
+    """Write the result (without the "images" and "rewards" arrays) and `extra` fields as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {k: v for k, v in result.items() if k not in ("images", "rewards")}
+    data.update(extra or {})
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def save_grid(
+    images: np.ndarray,
+    prompts: Sequence[str],
+    path: str | Path,
+    rewards: np.ndarray | None = None,
+    max_prompts: int = 8,
+    max_images: int = 8,
+    cell: int = 64,
+) -> Path:
+    """A PNG with one row per prompt: up to `max_images` of its images (uint8 [P, K, H, W, 3], each
+    scaled to `cell` px, nearest neighbour), then the prompt text and, if given, each image's reward."""
+    from PIL import Image, ImageDraw
+
+    images = np.asarray(images)
+    if images.ndim != 5 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"save_grid takes uint8 images [P, K, H, W, 3], got {images.dtype} {images.shape}")
+    if len(prompts) != len(images):
+        raise ValueError(f"save_grid: {len(images)} rows of images but {len(prompts)} prompts")
+    rows, cols = min(max_prompts, len(images)), min(max_images, images.shape[1])
+    if rows == 0:
+        raise ValueError("save_grid: nothing to draw (no prompts)")
+    pad, text_w = 4, 420
+    canvas = Image.new("RGB", (cols * (cell + pad) + pad + text_w, rows * (cell + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i in range(rows):
+        y = pad + i * (cell + pad)
+        for j in range(cols):
+            tile = Image.fromarray(images[i, j]).resize((cell, cell), Image.NEAREST)
+            canvas.paste(tile, (pad + j * (cell + pad), y))
+        x = cols * (cell + pad) + pad
+        draw.text((x, y + 4), str(prompts[i]), fill=(0, 0, 0))
+        if rewards is not None:
+            values = " ".join(f"{float(v):.2f}" for v in np.asarray(rewards)[i, :cols])
+            draw.text((x, y + 20), f"reward: {values}", fill=(90, 90, 90))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def grid_rows(categories: Sequence[str], n: int) -> list[int]:
+    """Indices of up to n rows taken from the categories in turn (first rows of each first)."""
+    queues: dict[str, list[int]] = {}
+    for i, c in enumerate(categories):
+        queues.setdefault(c, []).append(i)
+    picked: list[int] = []
+    while len(picked) < min(n, len(categories)):
+        for q in queues.values():
+            if q and len(picked) < n:
+                picked.append(q.pop(0))
+    return sorted(picked)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def _load(args: argparse.Namespace, prog: str):
+    """(cfg, policy) from --config, --set and --checkpoint; exits with a message naming the bad field."""
+    from loop_ray.config import ConfigError, load_config
+    from loop_ray.diffusion.models import build_policy
+    from loop_ray.utils import pin_threads
+
+    try:
+        cfg = load_config(args.config, args.set)
+        if args.checkpoint is not None:
+            if not Path(args.checkpoint).is_dir():
+                raise ConfigError(f"--checkpoint {args.checkpoint}: not a model folder")
+            cfg.model.path = str(args.checkpoint)
+    except ConfigError as err:
+        raise SystemExit(f"{prog}: {err}") from None
+    pin_threads(cfg.cluster.torch_threads)
+    return cfg, build_policy(cfg, args.device)
+
+
+def _common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="experiment YAML")
+    p.add_argument("--checkpoint", default=None, help="model folder (diffusers layout) in place of model.path")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted-key config override")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def main_eval(argv: list[str] | None = None) -> int:
+    """`loop-ray eval`: per-category held-out reward table, eval.json and grid.png in --out."""
+    from loop_ray.prompts import load_prompts
+    from loop_ray.rewards.composite import CompositeReward
+    from loop_ray.system.plan import plan_eval
+
+    p = argparse.ArgumentParser(prog="loop-ray eval", description=main_eval.__doc__)
+    _common_args(p)
+    p.add_argument("--out", default=None, help="output folder (default: OUTPUT_DIR/NAME/eval)")
+    p.add_argument("--images-per-prompt", type=int, default=None, help="default: eval.images_per_prompt")
+    args = p.parse_args(argv)
+    if args.images_per_prompt is not None:
+        if args.images_per_prompt < 1:
+            raise SystemExit("loop-ray eval: --images-per-prompt must be >= 1")
+        args.set = [*args.set, f"eval.images_per_prompt={args.images_per_prompt}"]
+    cfg, policy = _load(args, "loop-ray eval")
+    reward = CompositeReward.from_config(cfg.reward)
+    prompt_set = load_prompts(cfg.prompts.val)
+    plan = plan_eval(cfg, prompt_set)  # the driver's choice of prompts (eval.max_prompts) and seeds
+    result = evaluate_policy(
+        policy, reward, prompt_set, cfg.eval.images_per_prompt, cfg.eval.seed, cfg.eval.batch_size,
+        prompt_indices=plan.prompt_ids, progress=not args.no_progress,
+    )
+    out = Path(args.out) if args.out else Path(cfg.output_dir) / cfg.name / "eval"
+    model = cfg.model.path or f"({cfg.model.kind} default)"
+    print(f"model {model}, {cfg.sampling.num_steps} steps, guidance {cfg.sampling.guidance_scale}, eta {cfg.sampling.eta}")
+    print(format_table(result))
+    rows = grid_rows([r["category"] for r in result["per_prompt"]], cfg.eval.grid_prompts or 8)
+    grid = save_grid(result["images"][rows], [result["per_prompt"][i]["prompt"] for i in rows], out / "grid.png",
+                     rewards=result["rewards"][rows], max_prompts=len(rows))
+    settings = {"model": model, "sampling": cfg.sampling.model_dump(), "reward": cfg.reward.model_dump()}
+    path = write_eval_json(result, out / "eval.json", extra={"settings": settings})
+    print(f"wrote {path} and {grid} ({result['seconds']:.0f} s)")
+    return 0
+
+
+def main_sample(argv: list[str] | None = None) -> int:
+    """`loop-ray sample`: N images for each --prompt into a grid PNG."""
+    p = argparse.ArgumentParser(prog="loop-ray sample", description=main_sample.__doc__)
+    _common_args(p)
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for more)")
+    p.add_argument("-n", "--num-images", type=int, default=8, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples.png", help="grid PNG path")
+    args = p.parse_args(argv)
+    if args.num_images < 1:
+        raise SystemExit("loop-ray sample: -n must be >= 1")
+    cfg, policy = _load(args, "loop-ray sample")
+    seeds = eval_seeds(args.seed, range(len(args.prompt)), args.num_images)
+    batch = policy.sample(args.prompt, args.num_images, seeds, batch_size=cfg.sampling.batch_size)
+    images = np.asarray(batch.images).reshape(len(args.prompt), args.num_images, *batch.images.shape[1:])
+    path = save_grid(images, args.prompt, args.out, max_prompts=len(args.prompt), max_images=args.num_images)
+    print(f"wrote {path}")
+    return 0
