@@ -1,0 +1,81 @@
+"""Evaluation through the running system: the samplers draw the held-out prompts with fixed seeds
+(`plan_eval`, the same seeds as `loop-ray eval`) at the current policy version, the reward pool
+scores them, and the driver reduces the rewards per prompt category and saves an image grid of
+`eval.grid_prompts` prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from loop_ray.config import ExperimentConfig
+from loop_ray.system.plan import Plan
+from loop_ray.system.rollout import collect, dispatch, fetch_images
+
+
+@dataclass
+class EvalResult:
+    mean: float
+    by_category: dict[str, float]
+    by_term: dict[str, float]
+    images: int
+    seconds: float
+    grid: Path | None
+    weight_load_seconds: float = 0.0  # samplers loading the version under evaluation (max)
+
+    def record(self) -> dict:
+        out = {"eval/reward_mean": self.mean, "eval/images": self.images, "eval/seconds": self.seconds,
+               "weights/sampler_load_seconds": self.weight_load_seconds}
+        out.update({f"eval/reward/{c}": v for c, v in self.by_category.items()})
+        out.update({f"eval/term/{t}": v for t, v in self.by_term.items()})
+        return out
+
+
+def summarise(plan: Plan, rewards: np.ndarray, parts: dict[str, np.ndarray]) -> tuple[float, dict, dict]:
+    """Mean reward overall, per category, and per reward term (failed calls' NaNs left out)."""
+    categories = np.repeat(np.array(plan.categories), plan.k)
+    by_category = {c: float(np.nanmean(rewards[categories == c])) for c in dict.fromkeys(plan.categories)}
+    by_term = {t: float(np.nanmean(v)) for t, v in parts.items()}
+    return float(np.nanmean(rewards)), by_category, by_term
+
+
+def evaluate(
+    cfg: ExperimentConfig, plan: Plan, samplers, pool, version: int, weights, grid_path: Path | None
+) -> EvalResult:
+    rollout = dispatch(samplers, pool, plan, version, weights, cfg.reward.batch_size, evaluation=True)
+    result = collect(rollout)
+    mean, by_category, by_term = summarise(plan, result.rewards, result.parts)
+    grid = None
+    if grid_path is not None and cfg.eval.grid_prompts > 0:
+        grid = _save_grid(rollout, plan, result.rewards, cfg.eval.grid_prompts, grid_path)
+    load = max((s["weight_load_seconds"] for s in result.sampler_stats), default=0.0)
+    return EvalResult(mean, by_category, by_term, len(plan.seeds), result.seconds, grid, load)
+
+
+def _save_grid(rollout, plan: Plan, rewards: np.ndarray, num_prompts: int, path: Path) -> Path | None:
+    """Up to 8 images of each of `num_prompts` prompts (taken from the categories in turn), with
+    their prompts and rewards (loop_ray.evaluate's grid)."""
+    from loop_ray.evaluate import grid_rows, save_grid
+
+    rows, per_row = grid_rows(plan.categories, num_prompts), min(plan.k, 8)
+    samples = [r * plan.k + j for r in rows for j in range(per_row)]
+    images = fetch_images(rollout, samples)
+    if len(images) < len(samples):  # a failed call: no grid rather than a misleading one
+        return None
+    grid = np.stack([images[s] for s in samples]).reshape(len(rows), per_row, *images[samples[0]].shape)
+    values = rewards.reshape(len(plan.prompts), plan.k)[rows, :per_row]
+    return save_grid(grid, [plan.prompts[r] for r in rows], path, rewards=values,
+                     max_prompts=len(rows), max_images=per_row)
+
+
+def comparison_table(before: EvalResult, after: EvalResult) -> str:
+    """Per-category before/after table of mean held-out reward."""
+    lines = [f"{'category':<24}{'before':>9}{'after':>9}{'change':>9}"]
+    for c, b in before.by_category.items():
+        a = after.by_category.get(c, float("nan"))
+        lines.append(f"{c:<24}{b:>9.3f}{a:>9.3f}{a - b:>+9.3f}")
+    lines.append(f"{'all':<24}{before.mean:>9.3f}{after.mean:>9.3f}{after.mean - before.mean:>+9.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""LearnerGroup: `learner.num_workers` Ray actors forming one torch.distributed group, each with a
+DeepSpeed engine around its policy's UNet (data parallel; ZeRO stage from the config).
+
+Rank 0 picks a free port on its node and the group rendezvouses there (127.0.0.1 when all ranks
+share a node, else rank 0's node address); the backend is gloo on CPUs and NCCL on GPUs unless
+`learner.backend` says otherwise. Each iteration every worker pulls its shard of the samples from
+the object store, runs `update_on_shard`, and rank 0 publishes the new weights once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from loop_ray.config import ExperimentConfig
+from loop_ray.system.cluster import actor_options, role_resources
+from loop_ray.system.update import grad_accum_steps, update_on_shard
+from loop_ray.system.weights import ObjectStoreWeightSync, PublishedWeights
+from loop_ray.trajectory import TrajectoryBatch
+from loop_ray.utils import pin_threads
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def state_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """A hash of a state dict's keys and exact values (ranks in sync have equal digests)."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        h.update(k.encode())
+        h.update(state_dict[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class LearnerWorker:
+    def __init__(self, cfg: dict, rank: int, world_size: int):
+        self.cfg = ExperimentConfig.model_validate(cfg)
+        pin_threads(self.cfg.cluster.torch_threads)
+        self.rank, self.world_size = rank, world_size
+        self.use_gpu = self.cfg.learner.num_gpus_per_worker > 0 and torch.cuda.is_available()
+        self.engine = None
+        self.policy = None
+
+    def rendezvous_info(self) -> tuple[str, int, str]:
+        """(node address, free port, node id) of this worker; rank 0's are the group's."""
+        return ray.util.get_node_ip_address(), _free_port(), ray.get_runtime_context().get_node_id()
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        """Join the process group, build the policy and its DeepSpeed engine."""
+        backend = self.cfg.learner.backend
+        if backend == "auto":
+            backend = "nccl" if self.use_gpu else "gloo"
+        os.environ.update(
+            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",  # Ray shows each worker only its own GPU
+        )
+        torch.distributed.init_process_group(
+            backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
+            world_size=self.world_size, timeout=timedelta(minutes=10),
+        )
+        from loop_ray.diffusion.models import build_policy
+        from loop_ray.system.deepspeed_engine import build_engine
+
+        self.policy = build_policy(self.cfg, "cuda" if self.use_gpu else "cpu")
+        num_trainable = len(self.policy.trainable_steps(self.cfg.algorithm.skip_first_steps, self.cfg.algorithm.skip_last_steps))
+        self.engine = build_engine(self.cfg, self.policy, grad_accum_steps(self.cfg, num_trainable))
+        self.weight_sync = ObjectStoreWeightSync()
+        return self.rank
+
+    def train(self, pieces: list, advantages: torch.Tensor, iteration: int) -> dict:
+        """Update on this worker's shard: `pieces` = [(ObjectRef of a TrajectoryBatch, rows)],
+        `advantages` aligned with the concatenated rows."""
+        start = time.perf_counter()
+        batches = ray.get([ref for ref, _ in pieces])
+        batch = TrajectoryBatch.concat([b.select(rows) for b, (_, rows) in zip(batches, pieces)])
+        fetch_seconds = time.perf_counter() - start
+        if len(batch) != len(advantages):
+            raise ValueError(f"learner {self.rank}: {len(batch)} samples but {len(advantages)} advantages")
+        seed = np.random.SeedSequence([self.cfg.seed, iteration, self.rank]).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(seed))
+        self.engine.train()
+        metrics = update_on_shard(self.engine, self.policy, batch, advantages, self.cfg, generator)
+        metrics.update(rank=self.rank, fetch_seconds=fetch_seconds)
+        return metrics
+
+    def publish(self, version: int) -> PublishedWeights | None:
+        """Rank 0 puts the trainable weights in the object store; the others return None."""
+        if self.rank != 0:
+            return None
+        return self.weight_sync.publish(self.policy.trainable_state_dict(), version)
+
+    def weights_digest(self) -> str:
+        return state_digest(self.policy.trainable_state_dict())
+
+    def save_checkpoint(self, folder: str, tag: str) -> None:
+        """DeepSpeed's checkpoint (module, optimizer and its ZeRO partitions) under folder/deepspeed
+        (collective: every rank calls it); rank 0 also writes folder/trainable.pt."""
+        folder_path = Path(folder)
+        self.engine.save_checkpoint(str(folder_path / "deepspeed"), tag=tag)
+        if self.rank == 0:
+            torch.save(self.policy.trainable_state_dict(), folder_path / "trainable.pt")
+
+    def load_checkpoint(self, folder: str, tag: str) -> None:
+        self.engine.load_checkpoint(str(Path(folder) / "deepspeed"), tag=tag)
+
+
+RemoteLearnerWorker = ray.remote(LearnerWorker)
+
+
+class LearnerGroup:
+    """Driver-side handle: starts the workers, forms the group, fans calls out and gathers them."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        cfg_dict = cfg.model_dump(mode="json")
+        n = cfg.learner.num_workers
+        opts = actor_options(role_resources(cfg)["learner"], cfg.cluster.torch_threads)
+        self.workers = [RemoteLearnerWorker.options(**opts).remote(cfg_dict, rank, n) for rank in range(n)]
+        infos = ray.get([w.rendezvous_info.remote() for w in self.workers])
+        addr, port, _ = infos[0]
+        if len({node for _, _, node in infos}) == 1:
+            addr = "127.0.0.1"
+        ray.get([w.setup.remote(addr, port) for w in self.workers])
+
+    def train(self, shards: list[dict], iteration: int) -> list[dict]:
+        """One learner phase; returns each rank's metrics."""
+        if len(shards) != len(self.workers):
+            raise ValueError(f"{len(shards)} shards for {len(self.workers)} learner workers")
+        return ray.get(
+            [w.train.remote(s["pieces"], s["advantages"], iteration) for w, s in zip(self.workers, shards)]
+        )
+
+    def publish(self, version: int) -> PublishedWeights:
+        return ray.get(self.workers[0].publish.remote(version))
+
+    def digests(self) -> list[str]:
+        return ray.get([w.weights_digest.remote() for w in self.workers])
+
+    def save_checkpoint(self, folder: str | Path, tag: str) -> None:
+        ray.get([w.save_checkpoint.remote(str(folder), tag) for w in self.workers])
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)

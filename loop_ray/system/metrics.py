@@ -1,0 +1,85 @@
+"""One iteration's metrics record (a flat dict; keys are TensorBoard tags).
+
+Throughput per role is images per second of busy time, summed over the role's actors:
+sampler = images sampled / sampling seconds, reward = images scored / scoring seconds, learner =
+samples learned from (once per sample, whatever the epochs) / update seconds. `throughput/
+images_per_s` is the end-to-end rate: images sampled / iteration wall time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from loop_ray.system.buffer import LearnBatch
+from loop_ray.system.rollout import RolloutResult
+from loop_ray.system.weights import PublishedWeights
+
+_MEAN_KEYS = ("loss", "clip_fraction", "approx_kl", "ratio_mean", "grad_norm", "last_clip_fraction")
+
+
+def _per_actor(stats: list[dict], count: str) -> tuple[list[float], float]:
+    """Work per actor rank (by `count`) and the summed per-actor rate count/seconds."""
+    work: dict[int, float] = {}
+    busy: dict[int, float] = {}
+    for s in stats:
+        work[s["rank"]] = work.get(s["rank"], 0.0) + s[count]
+        busy[s["rank"]] = busy.get(s["rank"], 0.0) + s["seconds"]
+    ranks = range(max(work) + 1) if work else range(0)
+    rate = sum(work[r] / busy[r] for r in work if busy[r] > 0)
+    return [work.get(r, 0.0) for r in ranks], rate
+
+
+def iteration_record(
+    iteration: int,
+    version: int,
+    images_seen: int,
+    rollout: RolloutResult,
+    batch: LearnBatch,
+    learner: list[dict],
+    weights: PublishedWeights | None,
+    digests: list[str],
+    incomplete: int,
+    seconds: float,
+) -> dict:
+    rewards = rollout.rewards[~np.isnan(rollout.rewards)]
+    rec: dict = {
+        "kind": "train",
+        "iteration": iteration,
+        "version": version,
+        "images_seen": images_seen,
+        "train/reward_mean": float(rewards.mean()) if rewards.size else float("nan"),
+        "train/reward_std": float(rewards.std()) if rewards.size else float("nan"),
+        "train/samples_learned": len(batch),
+        "train/incomplete_samples_dropped": incomplete,
+        "train/stale_groups_dropped": batch.dropped_stale,
+        "train/failed_calls": rollout.failures,
+        "train/advantage_abs_mean": float(batch.advantages.abs().mean()) if len(batch) else float("nan"),
+        "staleness/mean": float(np.mean(version - 1 - batch.versions)) if len(batch) else float("nan"),
+        "iteration_seconds": seconds,
+        "throughput/images_per_s": len(rollout.rewards) / seconds if seconds > 0 else float("nan"),
+    }
+    for name, values in rollout.parts.items():
+        rec[f"train/term/{name}"] = float(np.nanmean(values))
+    sampler_work, rec["throughput/sampler_images_per_s"] = _per_actor(rollout.sampler_stats, "images")
+    reward_work, rec["throughput/reward_images_per_s"] = _per_actor(rollout.reward_stats, "images")
+    rec["work/sampler_images"] = sampler_work
+    rec["work/reward_images"] = reward_work
+    if learner:
+        for key in _MEAN_KEYS:
+            rec[f"learner/{key}"] = float(np.nanmean([m[key] for m in learner]))
+        rec["learner/ratio_min"] = min(m["ratio_min"] for m in learner)
+        rec["learner/ratio_max"] = max(m["ratio_max"] for m in learner)
+        rec["learner/grad_norm_max"] = max(m["grad_norm_max"] for m in learner)
+        rec["learner/first_ratio_max_abs_dev"] = max(m["first_ratio_max_abs_dev"] for m in learner)
+        rec["learner/optimizer_steps"] = learner[0]["optimizer_steps"]
+        rec["learner/seconds"] = max(m["seconds"] for m in learner)
+        learner_work, rec["throughput/learner_images_per_s"] = _per_actor(learner, "samples")
+        rec["work/learner_samples"] = learner_work
+    rec["weights/sampler_load_seconds"] = max((s["weight_load_seconds"] for s in rollout.sampler_stats), default=0.0)
+    if weights is not None:
+        rec["weights/publish_seconds"] = weights.publish_seconds
+        rec["weights/bytes"] = weights.num_bytes
+    if digests:
+        rec["learner/weights_digests"] = digests
+        rec["learner/weights_in_sync"] = len(set(digests)) == 1
+    return rec

@@ -1,0 +1,108 @@
+"""A run's output folder: cfg.output_dir/<name>-<timestamp>/ with
+
+  config.yaml        the resolved configuration
+  metrics.jsonl      one JSON record per iteration and per evaluation
+  tensorboard/       TensorBoard events of the scalar metrics
+  eval/              image grids of each evaluation
+  reward.png         train and eval reward against images seen
+  checkpoints/       see loop_ray.system.checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from loop_ray.config import ExperimentConfig, dump_config
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return _jsonable(value.item())
+    return value
+
+
+class RunDir:
+    def __init__(self, path: Path, tensorboard: bool):
+        self.path = path
+        (path / "eval").mkdir(parents=True, exist_ok=True)
+        (path / "checkpoints").mkdir(exist_ok=True)
+        self._metrics = open(path / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 (closed in close())
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(path / "tensorboard"))
+        self.train_points: list[tuple[int, float]] = []
+        self.eval_points: list[tuple[int, float]] = []
+
+    @classmethod
+    def create(cls, cfg: ExperimentConfig) -> RunDir:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = Path(cfg.output_dir) / f"{cfg.name}-{stamp}"
+        n = 1
+        while path.exists():
+            n += 1
+            path = Path(cfg.output_dir) / f"{cfg.name}-{stamp}-{n}"
+        path.mkdir(parents=True)
+        run = cls(path, cfg.logging.tensorboard)
+        dump_config(cfg, path / "config.yaml")
+        return run
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def log(self, record: dict, step: int) -> None:
+        """Append a record to metrics.jsonl and its numeric scalars to TensorBoard at `step`
+        (images seen)."""
+        self._metrics.write(json.dumps(_jsonable(record)) + "\n")
+        if self._tb is None:
+            return
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self._tb.add_scalar(key, value, step)
+        self._tb.flush()
+
+    def add_train_point(self, images_seen: int, reward: float) -> None:
+        self.train_points.append((images_seen, reward))
+
+    def add_eval_point(self, images_seen: int, reward: float) -> None:
+        self.eval_points.append((images_seen, reward))
+
+    def plot(self) -> Path:
+        """reward.png: mean train reward per iteration and mean eval reward against images seen."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        if self.train_points:
+            x, y = zip(*self.train_points)
+            ax.plot(x, y, ".-", alpha=0.6, label="train (sampled prompts)")
+        if self.eval_points:
+            x, y = zip(*self.eval_points)
+            ax.plot(x, y, "o-", label="eval (held-out prompts)")
+        ax.set_xlabel("images seen")
+        ax.set_ylabel("mean reward")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        out = self.path / "reward.png"
+        fig.savefig(out)
+        plt.close(fig)
+        return out
+
+    def close(self) -> None:
+        self._metrics.close()
+        if self._tb is not None:
+            self._tb.close()
