@@ -1,0 +1,248 @@
+"""`loop-ray bench` / `make bench`: speed and memory as ratios against baselines run side by side.
+
+Each figure is the median of `--repeats` timed runs after a warm-up, with its spread (min-max):
+  sampler      loop-ray's policy sampling (log-probs and every latent stored) against diffusers' own
+               sampling on the same weights, steps, batch and guidance: StableDiffusionPipeline for
+               the tiny SD-shaped stack; for the pixel-space embedded model, which has no diffusers
+               pipeline class, the loop a pipeline runs (UNet with CFG + DDIMScheduler.step)
+  learner      one learner phase (update_on_shard through DeepSpeed: clipped IS loss, accumulation,
+               clipping, AdamW) against the bare forward+backward passes it must do
+  end_to_end   one iteration of the Ray system (sync, then async) against the same iteration's parts
+               run in one process without Ray (loop_ray.local)
+  weights      publication of the trainable weights through the object store: seconds and MB/s, for
+               the embedded model and an SD2-shaped UNet
+  memory       peak RSS of each role
+It writes bench.json and bench.md under the output folder and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
+
+
+def ratio(a: dict, b: dict) -> dict:
+    """a/b of two `timed` results: the median ratio and the spread from the extremes."""
+    return {"median": a["median_s"] / b["median_s"], "low": a["min_s"] / b["max_s"], "high": a["max_s"] / b["min_s"]}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ------------------------------------------------------------------------------------------ sampler
+def _diffusers_loop(components, prompts: list[str], num_steps: int, guidance: float, seed: int):
+    """What a diffusers pipeline does for a pixel-space text-conditioned UNet: CFG and
+    DDIMScheduler.step (eta 1) over the schedule; no log-probs, no stored latents."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(components.scheduler.config)
+    sched.set_timesteps(num_steps)
+    tok = components.tokenizer
+    with torch.no_grad():
+        ids = tok(prompts + [""] * len(prompts), padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids
+        emb = components.text_encoder(ids)[0]
+        unet = components.unet
+        size = unet.config.sample_size
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(len(prompts), unet.config.in_channels, size, size, generator=g)
+        for t in sched.timesteps:
+            out = unet(torch.cat([x, x]), t, encoder_hidden_states=emb).sample
+            cond, uncond = out.chunk(2)
+            eps = uncond + guidance * (cond - uncond)
+            x = sched.step(eps, t, x, eta=1.0, generator=g).prev_sample
+    return x
+
+
+def bench_sampler(repeats: int, batch: int, steps: int, guidance: float) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    from loop_ray.diffusion.models import tiny_sd_components
+    from loop_ray.diffusion.policy import DiffusionPolicy
+    from loop_ray.toy.model import load_toy_components
+
+    prompts = ["a red circle and a blue square"] * batch
+    out = {}
+    # the embedded model
+    comps = load_toy_components(None)
+    policy = DiffusionPolicy(comps, num_steps=steps, guidance_scale=guidance, eta=1.0)
+    seeds = list(range(batch))
+    ours = timed(lambda: policy.sample(prompts, 1, seeds, batch_size=batch), repeats)
+    ref = timed(lambda: _diffusers_loop(comps, prompts, steps, guidance, 0), repeats)
+    out["embedded"] = {"loop_ray": ours, "diffusers_loop": ref, "ratio": ratio(ours, ref),
+                       "images_per_s": batch / ours["median_s"], "batch": batch, "steps": steps}
+    # the tiny SD-shaped stack (latent space, VAE decode)
+    comps = tiny_sd_components(0)
+    policy = DiffusionPolicy(comps, num_steps=steps, guidance_scale=guidance, eta=1.0)
+    pipe = StableDiffusionPipeline(
+        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
+        scheduler=policy.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    size = comps.unet.config.sample_size * 2 ** (len(comps.vae.config.block_out_channels) - 1)
+    ours = timed(lambda: policy.sample(prompts, 1, seeds, batch_size=batch), repeats)
+    ref = timed(lambda: pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, eta=1.0, height=size,
+                             width=size, generator=torch.Generator().manual_seed(0), output_type="np"), repeats)
+    out["tiny_sd"] = {"loop_ray": ours, "diffusers_pipeline": ref, "ratio": ratio(ours, ref),
+                      "images_per_s": batch / ours["median_s"], "batch": batch, "steps": steps}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ learner
+def bench_learner(repeats: int) -> dict:
+    """update_on_shard through a real DeepSpeed engine (one gloo rank) vs the bare passes."""
+    import torch.distributed as dist
+
+    from loop_ray.config import load_config
+    from loop_ray.diffusion.models import build_policy
+    from loop_ray.system.deepspeed_engine import build_engine
+    from loop_ray.system.update import grad_accum_steps, train_steps_per_sample, update_on_shard
+
+    cfg = load_config("configs/toy.yaml", ["learner.num_workers=1", "sampling.prompts_per_iteration=4",
+                                           "learner.minibatch_size=8", "learner.minibatches_per_step=2",
+                                           "algorithm.inner_epochs=1"])
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    policy = build_policy(cfg)
+    batch = policy.sample(["a red circle and a blue square"] * 4, 4, list(range(16)), batch_size=16)
+    adv = torch.randn(len(batch))
+    steps = policy.trainable_steps(cfg.algorithm.skip_first_steps, cfg.algorithm.skip_last_steps)
+    n_steps = train_steps_per_sample(cfg, len(steps))
+    engine = build_engine(cfg, policy, grad_accum_steps(cfg, len(steps)))
+    phase = timed(lambda: update_on_shard(engine, policy, batch, adv, cfg, torch.Generator().manual_seed(0)), repeats)
+    unet = engine.module
+    mbs = cfg.learner.minibatch_size
+
+    def bare():  # the same micro-steps: CFG forward of the UNet on a minibatch at one step + backward
+        for first in range(0, len(batch), mbs):
+            sub = batch.select(slice(first, first + mbs))
+            for j in range(n_steps):
+                idx = steps[j % len(steps)]
+                x = sub.latents[:, idx]
+                t = sub.timesteps[:, idx]
+                emb = torch.cat([sub.negative_embeds, sub.prompt_embeds])
+                out = unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=emb).sample
+                out.float().pow(2).mean().backward()
+        unet.zero_grad(set_to_none=True)
+
+    base = timed(bare, repeats)
+    return {"phase": phase, "bare_forward_backward": base, "ratio": ratio(phase, base),
+            "samples": len(batch), "steps_per_sample": n_steps}
+
+
+# ------------------------------------------------------------------------------------------ weights
+def bench_weights(repeats: int, sd2: bool) -> dict:
+    import ray
+
+    from loop_ray.system.weights import ObjectStoreWeightSync, state_dict_bytes
+    from loop_ray.toy.model import load_toy_components
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    sync = ObjectStoreWeightSync()
+    models = {"embedded": load_toy_components(None).unet}
+    if sd2:
+        from diffusers import UNet2DConditionModel
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+        from gpu_check import SD2_BASE_UNET
+
+        models["sd2_unet"] = UNet2DConditionModel(**SD2_BASE_UNET)
+    def round_trip(state_dict):  # what one version costs: put on the learner, get on a sampler
+        sync.fetch(sync.publish(state_dict, 1))
+
+    out = {}
+    for name, unet in models.items():
+        sd = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+        nbytes = state_dict_bytes(sd)
+        t = timed(lambda sd=sd: round_trip(sd), repeats)
+        out[name] = {"MB": nbytes / 1e6, **t, "MB_per_s": nbytes / 1e6 / t["median_s"]}
+    if started:
+        ray.shutdown()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ report
+def markdown(report: dict) -> str:
+    lines = [f"# loop-ray bench ({report['hardware']})", "", "| what | ours | baseline | ratio (median, range) |",
+             "|---|---|---|---|"]
+    for name, s in report.get("sampler", {}).items():
+        base_key = "diffusers_pipeline" if "diffusers_pipeline" in s else "diffusers_loop"
+        r = s["ratio"]
+        lines.append(f"| sampler, {name} (batch {s['batch']}, {s['steps']} steps) | {s['loop_ray']['median_s']:.3f} s | "
+                     f"{s[base_key]['median_s']:.3f} s ({base_key}) | {r['median']:.2f} ({r['low']:.2f}–{r['high']:.2f}) |")
+    if "learner" in report:
+        s, r = report["learner"], report["learner"]["ratio"]
+        lines.append(f"| learner phase ({s['samples']} samples × {s['steps_per_sample']} steps) | {s['phase']['median_s']:.3f} s | "
+                     f"{s['bare_forward_backward']['median_s']:.3f} s (bare fwd+bwd) | {r['median']:.2f} ({r['low']:.2f}–{r['high']:.2f}) |")
+    for mode, s in report.get("end_to_end", {}).items():
+        r = s["ratio"]
+        lines.append(f"| one iteration, Ray {mode} | {s['ray']['median_s']:.2f} s | {s['local']['median_s']:.2f} s (one process) | "
+                     f"{r['median']:.2f} ({r['low']:.2f}–{r['high']:.2f}) |")
+    for name, s in report.get("weights", {}).items():
+        lines.append(f"| weight publication, {name} ({s['MB']:.1f} MB) | {s['median_s']:.3f} s | – | {s['MB_per_s']:.0f} MB/s |")
+    for role, mb in report.get("memory_peak_rss_mb", {}).items():
+        lines.append(f"| peak RSS, {role} | {mb:.0f} MB | – | – |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="loop-ray bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--only", nargs="+", choices=["sampler", "learner", "end_to_end", "weights"],
+                   default=["sampler", "learner", "end_to_end", "weights"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--no-sd2", action="store_true", help="skip the SD2-shaped UNet in the weights figure")
+    args = p.parse_args(argv)
+    from loop_ray.utils import pin_threads
+
+    pin_threads(1)
+    report: dict = {"hardware": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                                f"{torch.get_num_threads()} thread(s)"}
+    if "sampler" in args.only:
+        report["sampler"] = bench_sampler(args.repeats, args.batch, args.steps, 2.0)
+    if "learner" in args.only:
+        report["learner"] = bench_learner(args.repeats)
+    if "end_to_end" in args.only:
+        from loop_ray.system.bench_e2e import bench_end_to_end
+
+        e2e, memory = bench_end_to_end(args.repeats)
+        report["end_to_end"] = e2e
+        report["memory_peak_rss_mb"] = {"driver/bench process": peak_rss_mb(), **memory}
+    if "weights" in args.only:
+        report["weights"] = bench_weights(args.repeats, not args.no_sd2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "bench.md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote {out}/bench.json and bench.md")
+    return 0

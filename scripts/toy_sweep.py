@@ -1,0 +1,84 @@
+"""Hyper-parameter sweep of LOOP on the embedded world with the single-process loop.
+
+Runs a grid of `--set`-style overrides over a base config (default configs/toy.yaml), each for the
+same number of iterations, in parallel processes on one device, and prints the held-out reward per
+category before and after. Used to choose configs/toy.yaml's learning rate, clip range and update
+schedule on a lent GPU; the result on the CPU is then checked with `make run`.
+
+    python scripts/toy_sweep.py --device cuda --workers 8 \
+        --grid learner.lr=1e-5,1e-4,3e-4 --grid algorithm.clip_eps=1e-3,1e-2 --seeds 0 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _one(job: dict) -> dict:
+    import yaml
+
+    from loop_ray.config import config_from_dict
+    from loop_ray.local import LocalRun
+    from loop_ray.utils import pin_threads
+
+    pin_threads(1)
+    data = yaml.safe_load(Path(job["config"]).read_text())
+    cfg = config_from_dict(data, source=job["config"], overrides=job["overrides"])
+    start = time.perf_counter()
+    result = LocalRun(cfg, device=job["device"]).run()
+    h = result["history"]
+    return {
+        "overrides": job["overrides"],
+        "before": {c: v["mean"] for c, v in result["before"]["categories"].items()} | {"all": result["before"]["mean"]},
+        "after": {c: v["mean"] for c, v in result["after"]["categories"].items()} | {"all": result["after"]["mean"]},
+        "train_reward": [round(x["reward_mean"], 4) for x in h],
+        "approx_kl": [round(x["learner/approx_kl"], 6) for x in h],
+        "clip_fraction": [round(x["learner/clip_fraction"], 3) for x in h],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="configs/toy.yaml")
+    p.add_argument("--grid", action="append", default=[], help="KEY=V1,V2,...")
+    p.add_argument("--set", action="append", default=[], help="KEY=VALUE applied to every run")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    from loop_ray.config import parse_overrides
+
+    fixed = parse_overrides(args.set)
+    axes = [(g.split("=", 1)[0], [parse_overrides([f"x={v}"])["x"] for v in g.split("=", 1)[1].split(",")])
+            for g in args.grid]
+    jobs = []
+    for values in itertools.product(*[v for _, v in axes]):
+        for seed in args.seeds:
+            overrides = {**fixed, **dict(zip([k for k, _ in axes], values)), "seed": seed}
+            jobs.append({"config": args.config, "overrides": overrides, "device": args.device})
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
+        results = list(pool.map(_one, jobs))
+    for r in results:
+        after = " ".join(f"{c}={v:.3f}" for c, v in r["after"].items())
+        before = " ".join(f"{c}={v:.3f}" for c, v in r["before"].items())
+        print(f"{r['overrides']}\n  before {before}\n  after  {after}  ({r['seconds']} s)\n"
+              f"  train {r['train_reward']}\n  kl {r['approx_kl'][-3:]} clip {r['clip_fraction'][-3:]}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""`loop-ray bench` runs its sampler and weight-publication figures and writes its report."""
+
+import json
+
+
+def test_bench_sampler_and_weights_smoke(tmp_path):
+    from loop_ray.bench import main
+
+    out = tmp_path / "bench"
+    assert main(["--only", "sampler", "weights", "--no-sd2", "--repeats", "1", "--batch", "2", "--steps", "2",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    for name in ("embedded", "tiny_sd"):
+        r = report["sampler"][name]["ratio"]
+        assert r["low"] <= r["median"] <= r["high"] and r["median"] > 0
+    assert report["weights"]["embedded"]["MB"] > 6  # the 1.7 M-parameter UNet in fp32
+    assert "| sampler, embedded" in (out / "bench.md").read_text()
