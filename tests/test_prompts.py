@@ -27,6 +27,8 @@ def test_compbench_split_loads_with_its_category(category, split):
 
 
 def test_packaged_prompts_are_the_upstream_files_with_licences():
+    if not SHARED.is_dir():
+        pytest.skip(f"the upstream data folder {SHARED} is not beside this checkout")
     for name in [f"{c}_{s}.txt" for c in CATEGORIES for s in ("train", "val")] + ["LICENSE.txt"]:
         assert (ASSETS / "compbench" / name).read_bytes() == (SHARED / "t2i-compbench" / name).read_bytes(), name
     for name in ("simple_animals.txt", "activities.txt", "LICENSE.txt"):
