@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from loop_ray.rewards import as_uint8_images, register
-from loop_ray.rewards.clip_score import OpenClipEncoder
+from loop_ray.rewards.clip_score import OpenClipEncoder, default_pretrained
 
 HEAD_KEYS = tuple(f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias"))
 
@@ -105,8 +105,7 @@ def build_aesthetic(
     quick_gelu: bool | None = None,
 ) -> AestheticScore:
     """The LAION aesthetic score; `pretrained` defaults to 'openai' for built-in model names."""
-    if pretrained is None and not model_name.startswith(("local-dir:", "hf-hub:")):
-        pretrained = "openai"
+    pretrained = default_pretrained(model_name, pretrained)
     head = load_head(head_path)
     encoder = OpenClipEncoder(model_name, pretrained, cache_dir, device, precision, local_files_only, batch_size,
                               quick_gelu)

@@ -77,6 +77,14 @@ def _resolve_tag(model_name: str, tag: str, cache_dir: str | None) -> tuple[str,
     raise FileNotFoundError(missing)
 
 
+def default_pretrained(model_name: str, pretrained: str | None) -> str | None:
+    """The builders' default weights: OpenAI's for a built-in open_clip model name, none for a
+    `local-dir:` or `hf-hub:` model, which carries its own."""
+    if pretrained is None and not model_name.startswith(("local-dir:", "hf-hub:")):
+        return "openai"
+    return pretrained
+
+
 class OpenClipEncoder:
     """An open_clip model loaded once (see the module docstring for the ways to name it), with
     L2-normalised image and text embeddings."""
@@ -224,7 +232,6 @@ def build_clip_score(
     quick_gelu: bool | None = None,
 ) -> ClipScore:
     """CLIP score with open_clip `model_name`; `pretrained` defaults to 'openai' for built-in names."""
-    if pretrained is None and not model_name.startswith(("local-dir:", "hf-hub:")):
-        pretrained = "openai"
+    pretrained = default_pretrained(model_name, pretrained)
     return ClipScore(OpenClipEncoder(model_name, pretrained, cache_dir, device, precision, local_files_only,
                                      batch_size, quick_gelu))
