@@ -110,7 +110,8 @@ class ClusterConfig(_Section):
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = Field(0, ge=0)
     torch_threads: int = Field(1, ge=1)  # torch threads in every process and actor
-    max_restarts: int = Field(3, ge=0)
+    max_restarts: int = Field(3, ge=0)  # Ray restarts of a crashed sampler / reward actor
+    call_retries: int = Field(2, ge=0)  # a lost sampler or reward call sent again (same seeds / images)
 
 
 class EvalConfig(_Section):
@@ -289,6 +290,8 @@ def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None =
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read: {err}") from None
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     return config_from_dict(data, source=str(path), overrides=overrides)

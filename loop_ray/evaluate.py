@@ -30,11 +30,13 @@ def eval_seeds(seed: int, prompt_indices: Sequence[int], images_per_prompt: int)
 
 
 def _score(reward, images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Rewards [B] and, for a CompositeReward, each term's values."""
+    """Rewards [B] (NaN where invalid) and, for a CompositeReward, each term's values."""
     if hasattr(reward, "score"):
         total, parts = reward.score(images, prompts)
         return np.asarray(total, dtype=np.float32), {k: np.asarray(v, dtype=np.float32) for k, v in parts.items()}
-    return np.asarray(reward(images, prompts), dtype=np.float32), {}
+    from loop_ray.rewards.checks import call_reward
+
+    return call_reward(reward, images, prompts, getattr(reward, "__name__", type(reward).__name__))[0], {}
 
 
 def evaluate_policy(
@@ -54,7 +56,9 @@ def evaluate_policy(
     prompt_set: a PromptSet (prompts with categories); prompt_indices: a subset (default all).
     Returns a dict: "mean", "categories" {category: {"mean", "std", "prompts", "images"}}, "terms",
     "per_prompt" [{"prompt", "category", "mean", "rewards"}], the settings, "seconds", and the arrays
-    "images" uint8 [P, K, H, W, 3] and "rewards" float32 [P, K].
+    "images" uint8 [P, K, H, W, 3] and "rewards" float32 [P, K]. Images the reward scored invalid
+    (NaN, inf; a CompositeReward also marks wrong shapes and errors so) are NaN in "rewards", left
+    out of every mean and std, and counted in "rejected_images".
     """
     from tqdm import tqdm
 
@@ -82,15 +86,18 @@ def evaluate_policy(
     rewards_arr = np.concatenate(rewards).reshape(len(indices), k)
     cats = [prompt_set.categories[i] for i in indices]
     categories = {}
+    rewards_arr[~np.isfinite(rewards_arr)] = np.nan  # invalid: left out below
     for c in dict.fromkeys(cats):
         rows = rewards_arr[[j for j, cc in enumerate(cats) if cc == c]]
-        categories[c] = {"mean": float(rows.mean()), "std": float(rows.std()), "prompts": len(rows), "images": rows.size}
+        categories[c] = {"mean": _finite_mean(rows), "std": _finite_mean(rows, std=True), "prompts": len(rows),
+                         "images": rows.size}
     return {
-        "mean": float(rewards_arr.mean()),
+        "mean": _finite_mean(rewards_arr),
+        "rejected_images": int(np.isnan(rewards_arr).sum()),
         "categories": categories,
-        "terms": {name: float(np.concatenate(v).mean()) for name, v in parts.items()},
+        "terms": {name: _finite_mean(np.concatenate(v)) for name, v in parts.items()},
         "per_prompt": [
-            {"prompt": prompt_set.prompts[i], "category": c, "mean": float(r.mean()), "rewards": [round(float(x), 4) for x in r]}
+            {"prompt": prompt_set.prompts[i], "category": c, "mean": _finite_mean(r), "rewards": [round(float(x), 4) for x in r]}
             for i, c, r in zip(indices, cats, rewards_arr)
         ],
         "images_per_prompt": k,
@@ -100,6 +107,14 @@ def evaluate_policy(
         "images": images_arr,
         "rewards": rewards_arr,
     }
+
+
+def _finite_mean(values: np.ndarray, std: bool = False) -> float:
+    """Mean (or std) of the finite values; NaN when there are none."""
+    values = np.asarray(values)[np.isfinite(values)]
+    if not values.size:
+        return float("nan")
+    return float(values.std() if std else values.mean())
 
 
 def format_table(result: dict) -> str:

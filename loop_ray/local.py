@@ -3,11 +3,14 @@
 plan (loop_ray.system.plan) -> policy.sample -> reward -> advantages per group of K
 (loop_ray.algorithms) -> update_on_shard (loop_ray.system.update) over a TorchEngine. It is what
 the study runs many of side by side on one device, and the no-Ray baseline of the benchmarks; the
-Ray system is the thing to use for anything bigger than one device.
+Ray system is the thing to use for anything bigger than one device. As in the Ray system, a group
+with an invalid reward (NaN, inf, a wrong shape, an error) is rejected as a whole, and an iteration
+whose groups were all rejected stops the run with InvalidRewardsError.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,10 +22,13 @@ from loop_ray.algorithms import StatTracker, compute_advantages
 from loop_ray.config import ExperimentConfig
 from loop_ray.evaluate import evaluate_policy
 from loop_ray.prompts import load_prompts
+from loop_ray.rewards.checks import InvalidRewardsError, describe_problems
 from loop_ray.rewards.composite import CompositeReward
 from loop_ray.system.plan import plan_iteration
 from loop_ray.system.torch_engine import TorchEngine
 from loop_ray.system.update import grad_accum_steps, update_on_shard
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,20 +58,30 @@ class LocalRun:
 
     def sample_and_score(self, iteration: int):
         """Iteration `iteration`'s trajectories (the plan's prompts and seeds) with rewards and
-        advantages attached."""
+        advantages attached, and the number of groups rejected for an invalid reward (left out of
+        the batch); InvalidRewardsError when every group was."""
         cfg, k = self.cfg, self.cfg.sampling.k
         plan = plan_iteration(cfg, self.train_set, iteration)
         batch = self.policy.sample(
             plan.prompts, k, plan.seeds, prompt_ids=plan.prompt_ids, group_ids=plan.group_ids,
             batch_size=cfg.sampling.batch_size, version=iteration,
         )
-        rewards = torch.as_tensor(self.reward(batch.images, batch.prompts), dtype=torch.float32)
+        scores = self.reward.score_checked(batch.images, batch.prompts)
+        rewards = torch.as_tensor(scores.total, dtype=torch.float32).view(-1, k)
+        valid = torch.isfinite(rewards).all(dim=1)  # [G]: a group with any invalid reward is rejected
+        rejected = int((~valid).sum())
+        if not valid.any():
+            raise InvalidRewardsError(iteration, rejected, scores.problems)
+        if rejected:
+            log.warning("iteration %d: %d groups rejected for invalid rewards (not learned from): %s",
+                        iteration, rejected, describe_problems(scores.problems))
+            batch = batch.select(valid.repeat_interleave(k).nonzero().flatten())
         advantages = compute_advantages(
-            rewards.view(-1, k), cfg.algorithm.advantage, std_eps=cfg.algorithm.std_eps,
-            stat_tracker=self.stat_tracker, prompts=plan.prompts,
+            rewards[valid], cfg.algorithm.advantage, std_eps=cfg.algorithm.std_eps,
+            stat_tracker=self.stat_tracker, prompts=[p for p, ok in zip(plan.prompts, valid.tolist()) if ok],
         ).flatten()
-        batch.rewards, batch.advantages = rewards, advantages
-        return batch
+        batch.rewards, batch.advantages = rewards[valid].flatten(), advantages
+        return batch, rejected
 
     def learn(self, batch, iteration: int) -> dict:
         seed = int(np.random.SeedSequence([self.cfg.seed, iteration, 0]).generate_state(1)[0])
@@ -75,14 +91,15 @@ class LocalRun:
 
     def step(self, iteration: int) -> dict:
         t0 = time.perf_counter()
-        batch = self.sample_and_score(iteration)
+        batch, rejected = self.sample_and_score(iteration)
         t1 = time.perf_counter()
         metrics = self.learn(batch, iteration)
         t2 = time.perf_counter()
-        self.images_seen += len(batch)
+        self.images_seen += len(batch) + rejected * self.cfg.sampling.k  # every image sampled
         return {
             "iteration": iteration,
             "images_seen": self.images_seen,
+            "rejected_groups": rejected,
             "reward_mean": float(batch.rewards.mean()),
             "reward_std": float(batch.rewards.std()),
             "sample_score_seconds": t1 - t0,
@@ -96,9 +113,10 @@ class LocalRun:
         indices = _spread(self.val_set.categories, n) if n is not None else None
         return evaluate_policy(self.policy, self.reward, self.val_set, e.images_per_prompt, e.seed, e.batch_size, indices)
 
-    def run(self, log: Callable[[dict], None] | None = None) -> dict:
-        """Evaluate, train `cfg.iterations` iterations, evaluate; returns the history."""
-        before = self.evaluate()
+    def run(self, log: Callable[[dict], None] | None = None, before: dict | None = None) -> dict:
+        """Evaluate, train `cfg.iterations` iterations, evaluate; returns the history. `before`: the
+        pre-training evaluation when already known (the same model, eval prompts and seeds)."""
+        before = self.evaluate() if before is None else before
         history = []
         for i in range(self.cfg.iterations):
             record = self.step(i)
@@ -107,6 +125,10 @@ class LocalRun:
                 log(record)
         after = self.evaluate()
         return {"before": _strip(before), "after": _strip(after), "history": history}
+
+    def evaluate_before(self) -> dict:
+        """The evaluation `run` starts with, in the form `run` returns it."""
+        return _strip(self.evaluate())
 
 
 def _spread(categories: list[str], n: int) -> list[int]:

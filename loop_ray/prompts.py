@@ -32,15 +32,23 @@ def _assets() -> Path:
 
 def read_prompt_file(path: str | Path, source: str | None = None) -> list[str]:
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"prompt file {path} is a folder, not a text file"
+                                + (f" (from {source})" if source else ""))
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path}" + (f" (from {source})" if source else ""))
+        hint = f" (from {source})" if source else (
+            " (a prompt source is toy:<split>, compbench:<split>, ddpo:<list> or a text file)")
+        raise FileNotFoundError(f"prompt file not found: {path}{hint}")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"prompt file {path} is unreadable: {err}") from None
     prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not prompts:
-        raise ValueError(f"prompt file {path} has no prompts (one prompt a line expected)")
+        raise ValueError(
+            f"prompt file {path} has no prompts (one prompt a line expected; blank lines and # comments "
+            "are skipped)"
+        )
     return prompts
 
 

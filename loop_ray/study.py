@@ -8,16 +8,19 @@ Ray system. It writes:
   results.json   everything measured
   table.md       held-out reward per prompt category, mean +- std over seeds (the paper's Tables 1-2)
   curves.png     train reward against images seen, mean and 80 % interval over seeds (Figures 2-3)
-and the wall time and images/s of each run. `--quick` shrinks everything to a smoke test.
+and the wall time and images/s of each run. The pre-trained model is evaluated once (it is the same
+for every run); each finished run is cached under OUT/cache/ by a hash of its configuration, so an
+interrupted study continues where it stopped. `--quick` shrinks everything to a smoke test.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +64,7 @@ def _run_one(job: dict) -> dict:
     torch.manual_seed(job["seed"])
     start = time.perf_counter()
     run = LocalRun(cfg, device=job["device"])
-    result = run.run()
+    result = run.run(before=job.get("before"))
     wall = time.perf_counter() - start
     history = result["history"]
     return {
@@ -147,6 +150,75 @@ def plot_curves(runs: list[dict], path: Path) -> Path:
     return path
 
 
+def _key(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _cached(out_dir: Path, name: str, spec: dict, compute):
+    """A result stored under out_dir/cache/ by name and a hash of everything it depends on, so an
+    interrupted study continues where it stopped and a finished run is never run twice."""
+    path = out_dir / "cache" / f"{name}-{_key(spec)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)
+    return value
+
+
+def _evaluate_before(data: dict, source: str, overrides: dict, device: str, threads: int) -> dict:
+    """The pre-trained model's held-out reward: the same for every method and seed of a study
+    (same model, eval prompts and seeds), so it is computed once."""
+    from loop_ray.config import config_from_dict
+    from loop_ray.local import LocalRun
+    from loop_ray.utils import pin_threads
+
+    pin_threads(threads)
+    return LocalRun(config_from_dict(data, source=source, overrides=overrides), device=device).evaluate_before()
+
+
+def _job_spec(job: dict) -> dict:
+    return {k: v for k, v in job.items() if k not in ("threads", "before")}
+
+
+def _run_all(jobs: list[dict], out_dir: Path, workers: int) -> list[dict]:
+    """Every job's result, in job order: from the cache where a run already finished, else run
+    (in `workers` processes) and cached as soon as it finishes."""
+    results: dict[int, dict] = {}
+    todo = []
+    for i, job in enumerate(jobs):
+        path = out_dir / "cache" / f"{job['label']}-s{job['seed']}-{_key(_job_spec(job))}.json"
+        if path.is_file():
+            results[i] = json.loads(path.read_text())
+        else:
+            todo.append((i, path))
+    if todo:
+        print(f"study: {len(jobs) - len(todo)} of {len(jobs)} runs cached, {len(todo)} to run", flush=True)
+
+    def store(i: int, path: Path, result: dict) -> None:
+        results[i] = result
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".tmp").write_text(json.dumps(result))
+        path.with_suffix(".tmp").replace(path)
+        after = result["after"]["mean"]
+        print(f"study: {result['label']} seed {result['seed']}: held-out {after:.3f} "
+              f"({result['wall_seconds']:.0f} s; {len(results)}/{len(jobs)})", flush=True)
+
+    if workers > 1 and len(todo) > 1:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_one, jobs[i]): (i, path) for i, path in todo}
+            for future in as_completed(futures):
+                store(*futures[future], future.result())
+    else:
+        for i, path in todo:
+            store(i, path, _run_one(jobs[i]))
+    return [results[i] for i in range(len(jobs))]
+
+
 def run_study(config_path: str, out_dir: Path, methods: list[str], seeds: list[int], images_per_iteration: int,
               iterations: int, device: str, workers: int, threads: int, extra: dict | None = None) -> dict:
     import yaml
@@ -164,13 +236,11 @@ def run_study(config_path: str, out_dir: Path, methods: list[str], seeds: list[i
                          "seed": seed, "device": device, "threads": threads})
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    if workers > 1:
-        import multiprocessing as mp
-
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            runs = list(pool.map(_run_one, jobs))
-    else:
-        runs = [_run_one(j) for j in jobs]
+    before = _cached(out_dir, "before", {"config": data, "extra": extra or {}, "device": device},
+                     lambda: _evaluate_before(data, config_path, base, device, threads))
+    for j in jobs:
+        j["before"] = before
+    runs = _run_all(jobs, out_dir, workers)
     summary = summarise(runs)
     device_name = device
     if device.startswith("cuda"):
@@ -201,17 +271,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="runs in parallel (processes)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 1 iteration, tiny sampling and eval")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for every run (e.g. eval.max_prompts=20); not the keys each method sets")
     args = p.parse_args(argv)
-    from loop_ray.config import load_config
+    from loop_ray.config import load_config, parse_overrides
 
-    cfg = load_config(args.config)
+    extra = parse_overrides(args.set)
+    cfg = load_config(args.config, extra)
     iterations = args.iterations if args.iterations is not None else cfg.iterations
-    extra = {}
     seeds = list(range(args.seeds))
     ipi = args.images_per_iteration
     if args.quick:
         seeds, iterations, ipi = [0], 1, 12
-        extra = {"sampling.num_steps": 4, "sampling.batch_size": 12, "learner.minibatch_size": 4,
+        extra = {**extra, "sampling.num_steps": 4, "sampling.batch_size": 12, "learner.minibatch_size": 4,
                  "learner.minibatches_per_step": 1, "eval.images_per_prompt": 2, "eval.max_prompts": 3,
                  "eval.batch_size": 6}
     report = run_study(args.config, Path(args.out), args.methods, seeds, ipi, iterations, args.device,

@@ -54,29 +54,36 @@ def main() -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--out", default=None)
+    p.add_argument("--variants", default=None, help="JSON file: a list of override dicts, run besides the grid")
+    p.add_argument("--out", default=None, help="JSON-lines file, one line per finished run")
     args = p.parse_args()
     from loop_ray.config import parse_overrides
 
     fixed = parse_overrides(args.set)
     axes = [(g.split("=", 1)[0], [parse_overrides([f"x={v}"])["x"] for v in g.split("=", 1)[1].split(",")])
             for g in args.grid]
-    jobs = []
-    for values in itertools.product(*[v for _, v in axes]):
-        for seed in args.seeds:
-            overrides = {**fixed, **dict(zip([k for k, _ in axes], values)), "seed": seed}
-            jobs.append({"config": args.config, "overrides": overrides, "device": args.device})
+    combos = [dict(zip([k for k, _ in axes], values)) for values in itertools.product(*[v for _, v in axes])]
+    if args.variants:
+        combos = json.loads(Path(args.variants).read_text()) + (combos if args.grid else [])
+    jobs = [{"config": args.config, "overrides": {**fixed, **c, "seed": seed}, "device": args.device}
+            for c in combos for seed in args.seeds]
     import multiprocessing as mp
+    from concurrent.futures import as_completed
 
+    results = []
     with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
-        results = list(pool.map(_one, jobs))
+        for future in as_completed([pool.submit(_one, j) for j in jobs]):
+            results.append(future.result())
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(results[-1]) + "\n")
+            print(f"done {len(results)}/{len(jobs)}: {results[-1]['overrides']} after "
+                  f"{ {c: round(v, 3) for c, v in results[-1]['after'].items()} }", flush=True)
     for r in results:
         after = " ".join(f"{c}={v:.3f}" for c, v in r["after"].items())
         before = " ".join(f"{c}={v:.3f}" for c, v in r["before"].items())
         print(f"{r['overrides']}\n  before {before}\n  after  {after}  ({r['seconds']} s)\n"
               f"  train {r['train_reward']}\n  kl {r['approx_kl'][-3:]} clip {r['clip_fraction'][-3:]}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
     return 0
 
 

@@ -51,3 +51,29 @@ def test_study_quick_runs_methods_and_writes_reports(tmp_path):
     assert all(r["images_seen"] == [12] for r in report["runs"])  # the same image budget
     assert "| loop_k3 | 3 |" in (out / "table.md").read_text()
     assert (out / "curves.png").stat().st_size > 1000
+    befores = {json.dumps(r["before"], sort_keys=True) for r in report["runs"]}
+    assert len(befores) == 1  # the pre-trained model is evaluated once for the whole study
+
+    # a second call finds every run in the cache (an interrupted study continues where it stopped)
+    cached = sorted(p.name for p in (out / "cache").iterdir())
+    assert len(cached) == 4  # the evaluation before training and the 3 runs
+    assert main(["--quick", "--config", "configs/debug.yaml", "--out", str(out),
+                 "--methods", "reinforce", "ppo", "loop_k3"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["runs"] == report["runs"]
+
+
+def test_default_study_config_resolves_for_every_method():
+    """`loop-ray study` with no --config reads configs/study.yaml; every method must resolve on it
+    with the same image budget."""
+    from pathlib import Path
+
+    import yaml
+
+    from loop_ray.study import METHODS, method_overrides
+
+    data = yaml.safe_load(Path("configs/study.yaml").read_text())
+    for label in METHODS:
+        cfg = config_from_dict(data, "configs/study.yaml", method_overrides(label, 48))
+        assert cfg.sampling.k * cfg.sampling.prompts_per_iteration == 48
+        assert cfg.eval.images_per_prompt == 10  # the paper's evaluation

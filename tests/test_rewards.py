@@ -327,3 +327,100 @@ def test_blip_vqa_missing_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="BLIP VQA weights not found"):
         build_reward("blip_vqa", path="Salesforce/no-such-model-in-cache")
 
+
+
+# ---------------------------------------------------------------------------------------------
+# What a reward returns is checked, never trusted; user rewards by import path
+
+
+@pytest.mark.parametrize(
+    "result, expected, problem",
+    [
+        ([1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0], None),
+        (np.array([1, 2, 3, 4], np.int64), [1.0, 2.0, 3.0, 4.0], None),
+        (torch.tensor([0.5, 0.5, 0.5, 0.5]), [0.5] * 4, None),
+        ([1.0, np.nan, 3.0, 4.0], [1.0, np.nan, 3.0, 4.0], r"returned non-finite values \(1 NaN\) for 4 images"),
+        ([np.inf, 2.0, 3.0, 4.0], [np.nan, 2.0, 3.0, 4.0], r"\(1 \+inf\)"),
+        ([1.0, 2.0, -np.inf, -np.inf], [1.0, 2.0, np.nan, np.nan], r"\(2 -inf\)"),
+        ([1e300, 2.0, 3.0, 4.0], [np.nan, 2.0, 3.0, 4.0], r"\(1 \+inf\)"),  # beyond float32
+        ([1.0, 2.0, 3.0], [np.nan] * 4, r"reward term 'x' returned shape \(3,\) for 4 images"),
+        (np.ones((4, 1)), [np.nan] * 4, r"returned shape \(4, 1\) for 4 images"),
+        (np.ones((2, 2)), [np.nan] * 4, r"returned shape \(2, 2\) for 4 images"),
+        (1.0, [np.nan] * 4, r"returned shape \(\) for 4 images"),
+        (["a", "b", "c", "d"], [np.nan] * 4, r"returned non-numeric values \(dtype <U1\)"),
+        ([None, 1.0, 2.0, 3.0], [np.nan] * 4, r"returned non-numeric values \(dtype object\)"),
+        ({"reward": 1.0}, [np.nan] * 4, r"returned non-numeric values \(dtype object\)"),
+        (RuntimeError("server down"), [np.nan] * 4, r"reward term 'x' raised RuntimeError: server down"),
+    ],
+)
+def test_check_rewards_marks_invalid_images(result, expected, problem):
+    from loop_ray.rewards.checks import check_rewards
+
+    values, found = check_rewards(result, 4, "x")
+    assert values.dtype == np.float32 and values.shape == (4,)
+    np.testing.assert_array_equal(values, np.asarray(expected, np.float32))
+    if problem is None:
+        assert found is None
+    else:
+        assert re.search(problem, found), found
+
+
+def test_call_reward_catches_the_reward_raising(caplog):
+    from loop_ray.rewards.checks import call_reward
+
+    def broken(images, prompts):
+        raise ValueError("bad model file")
+
+    values, problem = call_reward(broken, _images(3), PROMPTS[:3], "broken")
+    assert np.isnan(values).all() and values.shape == (3,)
+    assert problem == "reward term 'broken' raised ValueError: bad model file"
+    assert "reward term 'broken' raised" in caplog.text and "bad model file" in caplog.text  # with its traceback
+
+
+def test_composite_reward_names_the_bad_term_and_keeps_the_good_ones():
+    from loop_ray.rewards.composite import CompositeReward
+
+    reward = CompositeReward([
+        ("jpeg_incompressibility", 1.0, {}),
+        ("faulty_rewards:PromptFaults", 0.0, {"nan_prompts": [PROMPTS[1]], "inf_prompts": [PROMPTS[2]]}),
+    ])
+    images = _images(4)
+    scores = reward.score_checked(images, PROMPTS[:4])
+    assert scores.valid.tolist() == [True, False, False, True]
+    assert scores.problems == [
+        "reward term 'faulty_rewards:PromptFaults' returned non-finite values (1 NaN, 1 +inf) for 4 images"
+    ]
+    good = build_reward("jpeg_incompressibility")(images, PROMPTS[:4])
+    np.testing.assert_allclose(scores.total[[0, 3]], good[[0, 3]])
+    np.testing.assert_array_equal(scores.parts["jpeg_incompressibility"], good)  # each term's own values
+    total, parts = reward.score(images, PROMPTS[:4])  # the (total, parts) form local/eval use
+    np.testing.assert_array_equal(total, scores.total)
+    assert parts.keys() == scores.parts.keys()
+
+    shape = CompositeReward([("jpeg_compressibility", 1.0, {}), ("faulty_rewards:wrong_shape", 1.0, {})])
+    scores = shape.score_checked(images, PROMPTS[:4])
+    assert not scores.valid.any()
+    assert scores.problems == ["reward term 'faulty_rewards:wrong_shape' returned shape (5,) for 4 images"]
+    raising = CompositeReward([("faulty_rewards:raises", 1.0, {})])
+    assert raising.score_checked(images, PROMPTS[:4]).problems == [
+        "reward term 'faulty_rewards:raises' raised RuntimeError: reward server unreachable"
+    ]
+
+
+def test_reward_by_import_path_builder_or_reward_itself():
+    import faulty_rewards
+
+    from loop_ray.rewards import load_import_path
+
+    built = build_reward("faulty_rewards:PromptFaults", nan_prompts=["a cat"])  # a builder, given the kwargs
+    assert isinstance(built, faulty_rewards.PromptFaults) and built.nan_prompts == {"a cat"}
+    assert build_reward("faulty_rewards:wrong_shape") is faulty_rewards.wrong_shape  # the reward itself
+    assert build_reward("loop_ray.rewards.jpeg:build_jpeg_compressibility", quality=50).quality == 50
+    for path, error, message in [
+        ("no_such_module_xyz:reward", ImportError, "cannot import 'no_such_module_xyz'"),
+        ("faulty_rewards:nope", ImportError, "'faulty_rewards' has no attribute 'nope'"),
+        ("faulty_rewards:NOT_CALLABLE", TypeError, "is a int, not a callable"),
+        ("faulty_rewards:", ValueError, "package.module:callable"),
+    ]:
+        with pytest.raises(error, match=re.escape(message)):
+            load_import_path(path)

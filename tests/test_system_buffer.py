@@ -81,3 +81,38 @@ def test_shards_are_equal_and_keep_rows_and_advantages_aligned():
     shards = buf.take(0, 0).shard(2)
     assert [[(r.name, rows) for r, rows in s["pieces"]] for s in shards] == [[("a", [0, 1, 2, 3])], [("b", [0, 1, 2, 3])]]
     torch.testing.assert_close(shards[1]["advantages"], torch.tensor([4.0, 5.0, 6.0, 7.0]))
+
+
+def test_group_with_an_invalid_reward_is_rejected_whole_and_counted():
+    buf = TrajectoryBuffer(k=2, estimator="leave_one_out")
+    ref = Ref("x")
+    entry = buf.add(ref, 0, [0, 0, 1, 1, 2, 2, 3, 3], [f"p{g}" for g in (0, 0, 1, 1, 2, 2, 3, 3)])
+    buf.set_rewards(entry, 0, [1.0, np.nan, 2.0, 4.0, np.inf, 0.0, 5.0, -np.inf])
+    assert buf.complete_groups() == [0, 1, 2, 3]  # scored, valid or not: none is waiting any more
+    batch = buf.take(0, 0)
+    assert batch.rejected_groups == 3 and batch.dropped_stale == 0
+    assert batch.group_ids.tolist() == [1, 1] and batch.rows.tolist() == [2, 3]
+    torch.testing.assert_close(batch.advantages, torch.tensor([-2.0, 2.0]))  # the rest's advantages only
+    assert torch.isfinite(batch.rewards).all()
+    assert len(buf) == 0 and buf.clear() == 0  # rejected groups are forgotten, not left incomplete
+    assert buf.take(0, 0).rejected_groups == 0  # counted once
+
+
+def test_not_scored_yet_is_not_scored_invalid():
+    buf = TrajectoryBuffer(k=2, estimator="leave_one_out")
+    entry = buf.add(Ref("x"), 0, [0, 0, 1, 1], ["p0", "p0", "p1", "p1"])
+    buf.set_rewards(entry, 0, [np.nan])  # sample 0 scored invalid, sample 1 not scored yet
+    buf.set_rewards(entry, 2, [1.0, 3.0])
+    batch = buf.take(0, 0)
+    assert batch.rejected_groups == 0 and batch.group_ids.tolist() == [1, 1]  # group 0 still waits
+    buf.set_rewards(entry, 1, [2.0])  # its other sample comes back valid: the group is still rejected
+    batch = buf.take(0, 0)
+    assert batch.rejected_groups == 1 and len(batch) == 0 and len(buf) == 0
+
+
+def test_all_groups_rejected_gives_an_empty_batch_that_says_so():
+    buf = TrajectoryBuffer(k=2, estimator="leave_one_out")
+    _fill(buf, Ref("a"), 0, [0, 1], 2, [np.nan, 1.0, 1.0, np.inf])
+    batch = buf.take(0, 0)
+    assert len(batch) == 0 and batch.rejected_groups == 2
+    assert batch.truncate(0).rejected_groups == 2

@@ -2,6 +2,8 @@
 a tiny batch. Every role runs; the run folder gets its config, metrics, plot, grids, checkpoint."""
 
 import json
+import math
+import time
 
 import pytest
 import yaml
@@ -75,6 +77,7 @@ def test_async_mode_learns_from_samples_one_version_old(ray_session, tmp_path):
     [
         ("prompts.train=/no/such/prompts.txt", "prompts.train"),
         ("reward.terms.0.name=no_such_reward", "reward.terms.0.name"),
+        ("reward.terms.0.name=faulty_rewards:no_such_reward", "reward.terms.0.name"),
         ("learner.zero_stage=3", "learner.zero_stage"),
         ("sampling.k=3", "learner.minibatch_size"),
     ],
@@ -89,3 +92,50 @@ def test_cluster_without_room_names_the_resource_keys(ray_session, tmp_path):
     with pytest.raises(ConfigError, match="cluster.sampler_gpus"):
         train(cfg)
     assert not list(tmp_path.iterdir())  # failed before the run folder was made
+
+
+TINY = {"iterations": 2, "eval.max_prompts": 2, "eval.images_per_prompt": 1}
+
+
+def test_invalid_rewards_reject_their_groups_and_the_run_goes_on(ray_session, tmp_path):
+    """A user's reward, given by import path, returns NaN or inf for some prompts: those groups
+    are counted and never learned from; evaluation leaves their images out of the mean."""
+    from loop_ray.prompts import load_prompts
+    from loop_ray.system.plan import plan_eval, plan_iteration
+
+    cfg = load_config("configs/debug.yaml", {"output_dir": str(tmp_path), **TINY})
+    train_set, val_set = load_prompts(cfg.prompts.train), load_prompts(cfg.prompts.val)
+    plans = [plan_iteration(cfg, train_set, i).prompts for i in range(2)]
+    nan_prompts, inf_prompts = [plans[0][0], plan_eval(cfg, val_set).prompts[0]], [plans[1][1]]
+    cfg = load_config("configs/debug.yaml", {
+        "output_dir": str(tmp_path), **TINY, "reward.terms.0.name": "faulty_rewards:PromptFaults",
+        "reward.terms.0.kwargs": {"nan_prompts": nan_prompts, "inf_prompts": inf_prompts},
+    })
+    run = train(cfg).run_dir
+    records = _records(run, "train")
+    faulty = [sum(p in nan_prompts + inf_prompts for p in prompts) for prompts in plans]
+    assert faulty == [1, 1]
+    assert [r["train/rejected_groups"] for r in records] == faulty
+    assert [r["train/rejected_images"] for r in records] == [4 * f for f in faulty]
+    assert [r["train/samples_learned"] for r in records] == [4 * (2 - f) for f in faulty]  # only the rest
+    assert [r["work/learner_samples"] for r in records] == [[4 * (2 - f)] for f in faulty]
+    assert all(r["version"] == r["iteration"] + 1 for r in records)  # it learned on
+    for e in _records(run, "eval"):
+        assert e["eval/images"] == 2 and e["eval/rejected_images"] == 1  # the first val prompt's image
+        assert math.isfinite(e["eval/reward_mean"])  # the mean of the other image, not NaN
+
+
+def test_a_reward_always_of_the_wrong_shape_stops_the_run_with_a_clear_error(ray_session, tmp_path, capsys):
+    code = main(["--config", "configs/debug.yaml", "--set", f"output_dir={tmp_path}", "--set", "iterations=2",
+                 "--set", "eval.max_prompts=2", "--set", "eval.images_per_prompt=1",
+                 "--set", "reward.terms.0.name=faulty_rewards:wrong_shape"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "iteration 0: all 2 groups were rejected for invalid rewards" in err
+    assert "reward term 'faulty_rewards:wrong_shape' returned shape (9,) for 8 images" in err
+    (run,) = tmp_path.iterdir()
+    assert _records(run, "train") == [] and _records(run, "eval")[0]["eval/rejected_images"] == 2
+    deadline = time.monotonic() + 30  # every actor was shut down: their CPUs are free again
+    while ray_session.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray_session.available_resources().get("CPU", 0) == 2

@@ -86,7 +86,7 @@ def load_components(path_or_id: str, revision: str | None = None, dtype: str | t
     return Components(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, vae=vae)
 
 
-def _plain_unet(unet: torch.nn.Module) -> torch.nn.Module:
+def plain_unet(unet: torch.nn.Module) -> torch.nn.Module:
     """The UNet to save: the module itself without adapters, or an adapter-free copy with the LoRA
     updates merged into its weights (built on the CPU; the live module is left untouched)."""
     from diffusers import UNet2DConditionModel
@@ -113,7 +113,7 @@ def save_pretrained(components: Components, out_dir: str | os.PathLike, *, safe_
         vae=components.vae,
         text_encoder=components.text_encoder,
         tokenizer=components.tokenizer,
-        unet=_plain_unet(components.unet),
+        unet=plain_unet(components.unet),
         scheduler=components.scheduler,
         safety_checker=None,
         feature_extractor=None,

@@ -4,11 +4,19 @@ A reward is built once per reward actor with `build_reward(name, **kwargs)` and 
 `reward(images, prompts) -> np.ndarray float32 [B]`, with `images` uint8 [B, H, W, 3] (numpy or
 torch) and `prompts` a list of B strings. A module registers its builder with `@register("name")`;
 `REWARD_MODULES` lists the modules imported on first lookup.
+
+A reward name may also be an import path "package.module:attr" (a user's reward, no registration
+needed): `attr` is a builder called once with the term's kwargs that returns the reward (like a
+registered builder; a class whose instances are called as above is one), or, when the kwargs do
+not fit it as a builder but (images, prompts) do, the reward itself, called with the kwargs added.
+What a reward returns is checked by `loop_ray.rewards.checks`, never trusted.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -55,8 +63,52 @@ def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def is_import_path(name: str) -> bool:
+    return ":" in name
+
+
+def load_import_path(path: str) -> Callable:
+    """The callable named by "package.module:attr" (attr may be dotted). Errors name the path:
+    ValueError for a malformed path, ImportError for a missing module or attribute, TypeError for
+    an attribute that is not callable."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"reward {path!r}: an import path is written 'package.module:callable'")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ImportError(f"reward {path!r}: cannot import {module_name!r}: {err}") from err
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ImportError(f"reward {path!r}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"reward {path!r}: {attr!r} is a {type(obj).__name__}, not a callable")
+    return obj
+
+
+def _fits(fn: Callable, *args, **kwargs) -> bool:
+    try:
+        inspect.signature(fn).bind(*args, **kwargs)
+    except TypeError:
+        return False
+    except ValueError:  # no signature (some builtins): assume it is a builder
+        return not args
+    return True
+
+
+def _build_imported(path: str, kwargs: dict) -> Reward:
+    obj = load_import_path(path)
+    if not inspect.isclass(obj) and not _fits(obj, **kwargs) and _fits(obj, None, None, **kwargs):
+        return functools.partial(obj, **kwargs) if kwargs else obj  # the reward itself
+    return obj(**kwargs)
+
+
 def build_reward(name: str, **kwargs) -> Reward:
-    """Build the reward registered as `name` (loads its model once)."""
+    """Build the reward registered as `name`, or named by the import path `name` (loads its model
+    once)."""
+    if is_import_path(name):
+        return _build_imported(name, kwargs)
     _import_all()
     if name not in _REGISTRY:
         raise KeyError(f"unknown reward {name!r}; registered rewards: {sorted(_REGISTRY)}")

@@ -6,6 +6,9 @@ per sample as reward actors finish. `take` hands out only complete groups (all K
 computes their advantages with the configured estimator (leave-one-out for LOOP), drops groups
 older than the staleness limit, and returns a `LearnBatch`: per sample, where it lives (ref, row),
 its reward and advantage. A group missing a sample (a failed sampler or reward call) is never used.
+A scored sample whose reward is invalid (NaN or inf: the reward actor marks a misbehaving reward's
+images so) rejects its whole group: never learned from, never given an advantage, and counted in
+`rejected_groups`. "Not scored yet" is kept apart from "scored invalid" by a `scored` mask.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ class _Entry:
     version: int
     group_ids: np.ndarray  # [B]
     prompts: list[str]  # [B]
-    rewards: np.ndarray  # [B] float32, NaN until scored
+    rewards: np.ndarray  # [B] float32; NaN until scored, and NaN where scored invalid
     used: np.ndarray  # [B] bool: handed out or dropped
+    scored: np.ndarray  # [B] bool: a reward came back (valid or not)
 
 
 @dataclass
@@ -39,6 +43,7 @@ class LearnBatch:
     advantages: torch.Tensor  # [N] float32
     group_ids: np.ndarray  # [N]
     dropped_stale: int = 0
+    rejected_groups: int = 0  # complete groups with an invalid reward, left out
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -69,7 +74,7 @@ class LearnBatch:
         """The first n samples (groups stay whole where n allows; advantages are already fixed)."""
         return LearnBatch(
             self.refs[:n], self.rows[:n], self.versions[:n], self.rewards[:n], self.advantages[:n],
-            self.group_ids[:n], self.dropped_stale,
+            self.group_ids[:n], self.dropped_stale, self.rejected_groups,
         )
 
 
@@ -91,14 +96,17 @@ class TrajectoryBuffer:
         self._next += 1
         self._entries[entry_id] = _Entry(
             ref, version, group_ids, list(prompts), np.full(len(prompts), np.nan, np.float32),
-            np.zeros(len(prompts), bool),
+            np.zeros(len(prompts), bool), np.zeros(len(prompts), bool),
         )
         return entry_id
 
     def set_rewards(self, entry_id: int, start: int, rewards) -> None:
-        """Rewards of samples start, start+1, ... of an entry."""
-        rewards = np.asarray(rewards, dtype=np.float32)
-        self._entries[entry_id].rewards[start : start + len(rewards)] = rewards
+        """Rewards of samples start, start+1, ... of an entry; these samples count as scored, and a
+        NaN or inf among them as scored invalid (its group is rejected)."""
+        rewards = np.asarray(rewards, dtype=np.float32).reshape(-1)
+        entry = self._entries[entry_id]
+        entry.rewards[start : start + len(rewards)] = np.where(np.isfinite(rewards), rewards, np.nan)
+        entry.scored[start : start + len(rewards)] = True
 
     def __len__(self) -> int:
         return sum(int((~e.used).sum()) for e in self._entries.values())
@@ -112,32 +120,43 @@ class TrajectoryBuffer:
         return groups
 
     def complete_groups(self) -> list[int]:
-        """Group ids with exactly K samples, all scored, in order of first appearance."""
+        """Group ids with exactly K samples, all scored (valid or not), in order of first appearance."""
         out = []
         for g, members in self._groups().items():
-            if len(members) == self.k and all(not np.isnan(self._entries[e].rewards[r]) for e, r in members):
+            if len(members) == self.k and all(self._entries[e].scored[r] for e, r in members):
                 out.append(g)
         return out
+
+    def _invalid(self, members: list[tuple[int, int]]) -> bool:
+        return any(np.isnan(self._entries[e].rewards[r]) for e, r in members)
 
     def take(self, current_version: int, max_staleness: int, max_groups: int | None = None) -> LearnBatch:
         """Remove and return complete groups (at most `max_groups`), with advantages.
 
-        Groups sampled more than `max_staleness` versions before `current_version` are dropped
-        (counted in `dropped_stale`). Incomplete groups stay in the buffer; `clear` forgets them.
+        Complete groups with an invalid reward are rejected (forgotten, counted in
+        `rejected_groups`); groups sampled more than `max_staleness` versions before
+        `current_version` are dropped (counted in `dropped_stale`). Incomplete groups stay in the
+        buffer; `clear` forgets them.
         """
         groups = self._groups()
-        ready, stale = [], 0
+        ready, stale, rejected = [], 0, 0
         for g in self.complete_groups():
             version = min(self._entries[e].version for e, _ in groups[g])
-            if current_version - version > max_staleness:
+            if self._invalid(groups[g]):
+                rejected += 1
+                self._forget(groups[g])
+            elif current_version - version > max_staleness:
                 stale += 1
                 self._forget(groups[g])
             else:
                 ready.append(g)
+        ready.sort()  # group-id order, whatever order the calls finished in (a resent call finishes late)
         ready = ready[:max_groups] if max_groups is not None else ready
         members = [groups[g] for g in ready]
         if not members:
-            return LearnBatch([], np.zeros(0, int), np.zeros(0, int), torch.zeros(0), torch.zeros(0), np.zeros(0, int), stale)
+            return LearnBatch(
+                [], np.zeros(0, int), np.zeros(0, int), torch.zeros(0), torch.zeros(0), np.zeros(0, int), stale, rejected
+            )
         rewards = torch.tensor([[self._entries[e].rewards[r] for e, r in m] for m in members])  # [G, K]
         prompts = [self._entries[m[0][0]].prompts[m[0][1]] for m in members]
         advantages = compute_advantages(
@@ -152,6 +171,7 @@ class TrajectoryBuffer:
             advantages=advantages.flatten().to(torch.float32),
             group_ids=np.repeat(np.array(ready), self.k),
             dropped_stale=stale,
+            rejected_groups=rejected,
         )
         for m in members:
             self._forget(m)

@@ -1,11 +1,18 @@
-"""Checkpoints, written atomically: everything goes into checkpoints/.tmp-iter-NNNNNN/ and the folder
-is renamed to checkpoints/iter-NNNNNN/ only when complete, so a crash never leaves a half
-checkpoint under a final name. Layout:
+"""Checkpoints, written atomically and verified before use.
 
+Everything goes into checkpoints/.tmp-iter-NNNNNN/; the last file written is MANIFEST.json (every
+other file's size and SHA-256), and only then is the folder renamed to checkpoints/iter-NNNNNN/.
+A crash therefore never leaves a half checkpoint under a final name, and a final folder whose files
+no longer match its manifest (truncated, edited, partly deleted) is refused by `verify_checkpoint`
+with a message naming it; `latest_good_checkpoint` then falls back to the previous one. Layout:
+
+  unet/               the trained UNet in diffusers format (LoRA merged): UNet2DConditionModel.from_pretrained
   trainable.pt        the policy's trainable state dict (learner rank 0)
   deepspeed/<tag>/    DeepSpeed's checkpoint: module, optimizer state (every rank's ZeRO partition)
-  driver_state.json   iteration, policy version, images seen, the advantage tracker's state
+  driver_state.json   iteration, policy version, images seen, stat-tracker state, RNG states,
+                      the metrics records so far
   config.yaml         the run's resolved configuration
+  MANIFEST.json       sizes and hashes of all of the above
 
 The learner workers write into the folder themselves, so on a multi-node cluster `output_dir`
 must be a filesystem every learner node shares with the driver.
@@ -13,15 +20,70 @@ must be a filesystem every learner node shares with the driver.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
 from loop_ray.config import ExperimentConfig, dump_config
 
+log = logging.getLogger(__name__)
+
+MANIFEST = "MANIFEST.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that cannot be used; the message names it and says what is wrong."""
+
 
 def checkpoint_name(iteration: int) -> str:
     return f"iter-{iteration:06d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> dict:
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[p.relative_to(folder).as_posix()] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    manifest = {"files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def verify_checkpoint(folder: Path) -> dict:
+    """Check a checkpoint folder against its manifest; returns its driver state. Raises
+    CheckpointError naming the folder and the first problem found."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {folder}: no {MANIFEST} (incomplete or not a loop-ray checkpoint)")
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {folder}: unreadable {MANIFEST} ({err})") from None
+    for name in ("driver_state.json", "config.yaml", "trainable.pt"):
+        if name not in files:
+            raise CheckpointError(f"checkpoint {folder}: the manifest lists no {name}")
+    for rel, meta in files.items():
+        p = folder / rel
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint {folder}: {rel} is missing")
+        if p.stat().st_size != meta["bytes"]:
+            raise CheckpointError(
+                f"checkpoint {folder}: {rel} has {p.stat().st_size} bytes, the manifest says {meta['bytes']} (truncated?)"
+            )
+        if _sha256(p) != meta["sha256"]:
+            raise CheckpointError(f"checkpoint {folder}: {rel} does not match its SHA-256 in the manifest (corrupt)")
+    return json.loads((folder / "driver_state.json").read_text())
 
 
 def save_checkpoint(
@@ -36,6 +98,7 @@ def save_checkpoint(
     learner.save_checkpoint(tmp.resolve(), tag=name)
     (tmp / "driver_state.json").write_text(json.dumps(driver_state))
     dump_config(cfg, tmp / "config.yaml")
+    write_manifest(tmp)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -43,8 +106,21 @@ def save_checkpoint(
     return final
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    done = sorted(p for p in root.glob("iter-*") if p.is_dir())
-    for old in done[:-keep_last]:
-        shutil.rmtree(old)
+def checkpoints_newest_first(root: Path) -> list[Path]:
+    return sorted((p for p in Path(root).glob("iter-*") if p.is_dir()), reverse=True)
 
+
+def latest_good_checkpoint(root: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint under `root` that verifies, with its driver state; every refused one
+    is logged with the reason. None when there is none."""
+    for folder in checkpoints_newest_first(root):
+        try:
+            return folder, verify_checkpoint(folder)
+        except CheckpointError as err:
+            log.warning("%s; trying the previous checkpoint", err)
+    return None
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    for old in checkpoints_newest_first(root)[keep_last:]:
+        shutil.rmtree(old)

@@ -18,7 +18,8 @@ import logging
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ray
@@ -26,12 +27,21 @@ import ray
 from loop_ray.algorithms import StatTracker
 from loop_ray.config import ConfigError, ExperimentConfig, load_config
 from loop_ray.prompts import PromptSet
+from loop_ray.rewards.checks import InvalidRewardsError, describe_problems
 from loop_ray.system import cluster
 from loop_ray.system.buffer import TrajectoryBuffer
-from loop_ray.system.checkpoint import save_checkpoint
+from loop_ray.system.checkpoint import CheckpointError, save_checkpoint
 from loop_ray.system.evaluation import EvalResult, comparison_table, evaluate
 from loop_ray.system.metrics import iteration_record
 from loop_ray.system.plan import plan_eval, plan_iteration
+from loop_ray.system.resume import (
+    ResumePoint,
+    auto_resume_point,
+    capture_rng,
+    check_resumable,
+    restore_rng,
+    resume_point,
+)
 from loop_ray.system.rollout import collect, dispatch
 from loop_ray.system.run_dir import RunDir
 from loop_ray.system.validate import validate_inputs
@@ -60,6 +70,7 @@ class Trainer:
         self.buffer = TrajectoryBuffer(cfg.sampling.k, cfg.algorithm.advantage, cfg.algorithm.std_eps, tracker)
         self.version, self.weights, self.images_seen = 0, None, 0
         self.records: list[dict] = []
+        self.before: EvalResult | None = None
 
     # ------------------------------------------------------------------------------- pieces
     def evaluate(self, iteration: int, label: str) -> EvalResult:
@@ -78,10 +89,16 @@ class Trainer:
         return dispatch(self.system.samplers, self.system.reward_pool, plan, self.version, self.weights,
                         self.cfg.reward.batch_size)
 
-    def learn(self, iteration: int):
-        """Take the complete, fresh-enough groups from the buffer and run the learner on them."""
+    def learn(self, iteration: int, reward_problems: Sequence[str] = ()):
+        """Take the complete, fresh-enough groups from the buffer and run the learner on them.
+        Groups with an invalid reward are rejected; when every group was, InvalidRewardsError."""
         batch = self.buffer.take(self.version, self.cfg.cluster.max_staleness)
         incomplete = self.buffer.clear()  # a group still incomplete after collect never completes
+        if batch.rejected_groups:
+            if len(batch) == 0 and batch.dropped_stale == 0 and incomplete == 0:
+                raise InvalidRewardsError(iteration, batch.rejected_groups, reward_problems)
+            log.warning("iteration %d: %d groups rejected for invalid rewards (not learned from): %s",
+                        iteration, batch.rejected_groups, describe_problems(reward_problems))
         unit = self.cfg.learner.num_workers * self.cfg.learner.minibatch_size * self.cfg.learner.minibatches_per_step
         usable = len(batch) // unit * unit
         if usable < len(batch):
@@ -103,26 +120,54 @@ class Trainer:
             "iteration": iteration, "version": self.version, "images_seen": self.images_seen,
             "seed": self.cfg.seed,
             "stat_tracker": self.buffer.stat_tracker.state_dict() if self.buffer.stat_tracker else None,
+            "rng": capture_rng(),
+            "before": asdict(self.before) | {"grid": None} if self.before is not None else None,
+            "records": self.records,
         }
-        return save_checkpoint(self.run.checkpoints, iteration, self.cfg, self.system.learner, state,
-                               self.cfg.checkpoint.keep_last)
+        start = time.perf_counter()
+        folder = save_checkpoint(self.run.checkpoints, iteration, self.cfg, self.system.learner, state,
+                                 self.cfg.checkpoint.keep_last)
+        log.info("checkpoint %s written in %.1f s", folder, time.perf_counter() - start)
+        return folder
+
+    def restore(self, point: ResumePoint) -> float:
+        """Continue from a checkpoint: learner module and optimizer, driver state, RNG states; the
+        restored weights are published so every sampler loads them before its next batch. Returns
+        the seconds it took."""
+        start = time.perf_counter()
+        state = point.state
+        digests = self.system.learner.load_checkpoint(point.checkpoint.resolve(), point.checkpoint.name)
+        self.version, self.images_seen = int(state["version"]), int(state["images_seen"])
+        if self.buffer.stat_tracker is not None and state.get("stat_tracker") is not None:
+            self.buffer.stat_tracker.load_state_dict(state["stat_tracker"])
+        restore_rng(state["rng"])
+        self.records = list(state["records"])
+        self.before = EvalResult(**state["before"]) if state.get("before") else None
+        self.weights = self.system.learner.publish(self.version)
+        seconds = time.perf_counter() - start
+        log.info("resumed from %s (iteration %d, policy version %d, weights %s) in %.1f s",
+                 point.checkpoint, point.iteration, self.version, digests[0], seconds)
+        return seconds
 
     # ---------------------------------------------------------------------------------- loop
-    def train(self) -> TrainResult:
+    def train(self, start_iteration: int = 0) -> TrainResult:
+        """Iterations `start_iteration` .. cfg.iterations - 1 (a resumed run starts past 0 and
+        skips the evaluation before training, which its checkpoint holds)."""
         cfg = self.cfg
-        before = self.evaluate(0, "before")
+        if start_iteration == 0:
+            self.before = self.evaluate(0, "before")
+        before = after = self.before
         pending: deque = deque()
-        next_dispatch = 0
-        bar = _progress(cfg)
-        after = before
-        for it in range(cfg.iterations):
+        next_dispatch = start_iteration
+        bar = _progress(cfg, start_iteration)
+        for it in range(start_iteration, cfg.iterations):
             start = time.perf_counter()
             while next_dispatch <= min(it + cfg.cluster.max_staleness, cfg.iterations - 1):
                 pending.append(self.dispatch(next_dispatch))
                 next_dispatch += 1
             rollout = pending.popleft()
-            rollout_result = collect(rollout, self.buffer)
-            batch, learner_metrics, incomplete = self.learn(it)
+            rollout_result = collect(rollout, self.buffer, retries=cfg.cluster.call_retries)
+            batch, learner_metrics, incomplete = self.learn(it, rollout_result.problems)
             digests = self.system.learner.digests() if cfg.learner.num_workers > 1 else []
             weights = self.publish() if learner_metrics else None
             self.images_seen += len(rollout.plan.seeds)
@@ -141,19 +186,19 @@ class Trainer:
                 self.checkpoint(it + 1)
         if bar is not None:
             bar.close()
-        if cfg.iterations:
+        if cfg.iterations > start_iteration:
             after = self.evaluate(cfg.iterations, "after")
             self.checkpoint(cfg.iterations)
         self.run.plot()
         return TrainResult(self.run.path, before, after, self.records)
 
 
-def _progress(cfg: ExperimentConfig):
-    if not cfg.logging.progress_bar or not cfg.iterations:
+def _progress(cfg: ExperimentConfig, start: int = 0):
+    if not cfg.logging.progress_bar or cfg.iterations <= start:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=cfg.iterations, desc="loop-ray", unit="it", dynamic_ncols=True)
+    return tqdm(total=cfg.iterations, initial=start, desc="loop-ray", unit="it", dynamic_ncols=True)
 
 
 def _update_bar(bar, record: dict) -> None:
@@ -164,10 +209,12 @@ def _update_bar(bar, record: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------ entry
-def train(cfg: ExperimentConfig, address: str | None = None) -> TrainResult:
-    """Run one experiment on the configured cluster (or a local Ray); returns its run folder and
-    the before/after evaluations."""
+def train(cfg: ExperimentConfig, address: str | None = None, resume: ResumePoint | None = None) -> TrainResult:
+    """Run one experiment on the configured cluster (or a local Ray), or continue one from a
+    checkpoint (`resume`); returns its run folder and the before/after evaluations."""
     train_set, val_set = validate_inputs(cfg)
+    if resume is not None:
+        check_resumable(load_config(resume.checkpoint / "config.yaml"), cfg, resume.checkpoint)
     pin_threads(cfg.cluster.torch_threads)
     started_ray = cluster.connect(cfg, address)
     system = None
@@ -176,9 +223,16 @@ def train(cfg: ExperimentConfig, address: str | None = None) -> TrainResult:
         from loop_ray.system.launch import System
 
         system = System.start(cfg)
-        run = RunDir.create(cfg)
-        print(f"loop-ray: run folder {run.path}", flush=True)
-        result = Trainer(cfg, system, run, train_set, val_set).train()
+        if resume is None:
+            run = RunDir.create(cfg)
+            print(f"loop-ray: run folder {run.path}", flush=True)
+        else:
+            run = RunDir.reopen(resume.run_dir, cfg, resume.state["records"], int(resume.state["images_seen"]))
+            print(f"loop-ray: resuming {run.path} from {resume.checkpoint.name}", flush=True)
+        trainer = Trainer(cfg, system, run, train_set, val_set)
+        if resume is not None:
+            trainer.restore(resume)
+        result = trainer.train(resume.iteration if resume is not None else 0)
         if result.before is not None and result.after is not None and cfg.iterations:
             print("\nheld-out reward per category (before -> after training)")
             print(comparison_table(result.before, result.after), flush=True)
@@ -194,11 +248,18 @@ def train(cfg: ExperimentConfig, address: str | None = None) -> TrainResult:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="loop-ray train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="experiment YAML (e.g. configs/toy.yaml)")
+    p.add_argument("--config", default=None, help="experiment YAML (e.g. configs/toy.yaml); with --resume RUN_DIR "
+                   "the run's own config.yaml is used")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted-key override")
     p.add_argument("--address", default=None, help="Ray cluster address (else cluster.address / RAY_ADDRESS / local)")
     p.add_argument("--iterations", type=int, default=None, help="override the config's iterations")
-    return p.parse_args(argv)
+    p.add_argument("--resume", default=None, metavar="RUN_DIR|auto",
+                   help="continue a run from its newest good checkpoint; `auto`: the newest run of the config's "
+                        "name under its output_dir, or a fresh run when there is none")
+    args = p.parse_args(argv)
+    if args.config is None and (args.resume is None or args.resume == "auto"):
+        p.error("--config is required (except with --resume RUN_DIR)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,10 +267,21 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.set) + ([f"iterations={args.iterations}"] if args.iterations is not None else [])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        cfg = load_config(args.config, overrides)
-        train(cfg, address=args.address)
-    except ConfigError as err:
+        point = None
+        if args.resume not in (None, "auto"):
+            point = resume_point(args.resume)
+        config_path = args.config if args.config is not None else point.run_dir / "config.yaml"
+        cfg = load_config(config_path, overrides)
+        if args.resume == "auto":
+            point = auto_resume_point(cfg)
+            if point is None:
+                log.info("--resume auto: no run of %r with a usable checkpoint under %s; starting a new run",
+                         cfg.name, cfg.output_dir)
+        train(cfg, address=args.address, resume=point)
+    except (ConfigError, CheckpointError) as err:
         print(f"loop-ray train: {err}", file=sys.stderr)
         return 2
+    except InvalidRewardsError as err:
+        print(f"loop-ray train: {err}", file=sys.stderr)
+        return 1
     return 0
-

@@ -1,19 +1,24 @@
 """Evaluation through the running system: the samplers draw the held-out prompts with fixed seeds
 (`plan_eval`, the same seeds as `loop-ray eval`) at the current policy version, the reward pool
 scores them, and the driver reduces the rewards per prompt category and saves an image grid of
-`eval.grid_prompts` prompts.
+`eval.grid_prompts` prompts. Images a reward scored invalid (NaN, inf, a wrong shape, an error)
+are left out of every mean and counted in `eval/rejected_images`.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from loop_ray.config import ExperimentConfig
+from loop_ray.rewards.checks import describe_problems
 from loop_ray.system.plan import Plan
 from loop_ray.system.rollout import collect, dispatch, fetch_images
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -25,9 +30,11 @@ class EvalResult:
     seconds: float
     grid: Path | None
     weight_load_seconds: float = 0.0  # samplers loading the version under evaluation (max)
+    rejected_images: int = 0  # scored invalid by the reward: left out of the means
 
     def record(self) -> dict:
         out = {"eval/reward_mean": self.mean, "eval/images": self.images, "eval/seconds": self.seconds,
+               "eval/rejected_images": self.rejected_images,
                "weights/sampler_load_seconds": self.weight_load_seconds}
         out.update({f"eval/reward/{c}": v for c, v in self.by_category.items()})
         out.update({f"eval/term/{t}": v for t, v in self.by_term.items()})
@@ -35,24 +42,34 @@ class EvalResult:
 
 
 def summarise(plan: Plan, rewards: np.ndarray, parts: dict[str, np.ndarray]) -> tuple[float, dict, dict]:
-    """Mean reward overall, per category, and per reward term (failed calls' NaNs left out)."""
+    """Mean reward overall, per category, and per reward term (the NaNs of failed calls and of
+    invalid rewards left out; NaN where nothing is left)."""
     categories = np.repeat(np.array(plan.categories), plan.k)
-    by_category = {c: float(np.nanmean(rewards[categories == c])) for c in dict.fromkeys(plan.categories)}
-    by_term = {t: float(np.nanmean(v)) for t, v in parts.items()}
-    return float(np.nanmean(rewards)), by_category, by_term
+    by_category = {c: _finite_mean(rewards[categories == c]) for c in dict.fromkeys(plan.categories)}
+    by_term = {t: _finite_mean(v) for t, v in parts.items()}
+    return _finite_mean(rewards), by_category, by_term
+
+
+def _finite_mean(values: np.ndarray) -> float:
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else float("nan")
 
 
 def evaluate(
     cfg: ExperimentConfig, plan: Plan, samplers, pool, version: int, weights, grid_path: Path | None
 ) -> EvalResult:
     rollout = dispatch(samplers, pool, plan, version, weights, cfg.reward.batch_size, evaluation=True)
-    result = collect(rollout)
+    result = collect(rollout, retries=cfg.cluster.call_retries)
     mean, by_category, by_term = summarise(plan, result.rewards, result.parts)
     grid = None
     if grid_path is not None and cfg.eval.grid_prompts > 0:
         grid = _save_grid(rollout, plan, result.rewards, cfg.eval.grid_prompts, grid_path)
     load = max((s["weight_load_seconds"] for s in result.sampler_stats), default=0.0)
-    return EvalResult(mean, by_category, by_term, len(plan.seeds), result.seconds, grid, load)
+    if result.rejected_images:
+        log.warning("evaluation at version %d: %d of %d images rejected for invalid rewards (left out): %s",
+                    version, result.rejected_images, len(plan.seeds), describe_problems(result.problems))
+    return EvalResult(mean, by_category, by_term, len(plan.seeds), result.seconds, grid, load,
+                      result.rejected_images)
 
 
 def _save_grid(rollout, plan: Plan, rewards: np.ndarray, num_prompts: int, path: Path) -> Path | None:

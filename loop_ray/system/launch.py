@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import ray
 
 from loop_ray.config import ConfigError, ExperimentConfig
+from loop_ray.system.actors import ActorSet
 from loop_ray.system.cluster import actor_options, role_resources
 from loop_ray.system.learner import LearnerGroup
 from loop_ray.system.reward_server import RemoteRewardActor, RewardPool
@@ -51,7 +52,7 @@ def check_capacity(cfg: ExperimentConfig) -> None:
 
 @dataclass
 class System:
-    samplers: list
+    samplers: ActorSet
     reward_pool: RewardPool
     learner: LearnerGroup
 
@@ -61,19 +62,24 @@ class System:
         cfg_dict = cfg.model_dump(mode="json")
         res = role_resources(cfg)
         threads, restarts = cfg.cluster.torch_threads, cfg.cluster.max_restarts
-        samplers = [
-            RemoteSampler.options(**actor_options(res["sampler"], threads, max_restarts=restarts)).remote(cfg_dict, i)
-            for i in range(cfg.cluster.num_samplers)
-        ]
-        rewards = [
-            RemoteRewardActor.options(**actor_options(res["reward"], threads, max_restarts=restarts)).remote(cfg_dict, i)
-            for i in range(cfg.cluster.num_reward_workers)
-        ]
+
+        def new_sampler(rank: int):
+            opts = actor_options(res["sampler"], threads, max_restarts=restarts)
+            return RemoteSampler.options(**opts).remote(cfg_dict, rank)
+
+        def new_reward_actor(rank: int):
+            opts = actor_options(res["reward"], threads, max_restarts=restarts)
+            return RemoteRewardActor.options(**opts).remote(cfg_dict, rank)
+
+        samplers = ActorSet("sampler", [new_sampler(i) for i in range(cfg.cluster.num_samplers)], new_sampler)
+        rewards = ActorSet(
+            "reward actor", [new_reward_actor(i) for i in range(cfg.cluster.num_reward_workers)], new_reward_actor
+        )
         learner = LearnerGroup(cfg)
-        ray.get([a.ping.remote() for a in samplers + rewards])  # surface construction errors now
+        ray.get([a.ping.remote() for a in [*samplers, *rewards]])  # surface construction errors now
         return cls(samplers, RewardPool(rewards), learner)
 
     def shutdown(self) -> None:
         self.learner.shutdown()
-        for actor in self.samplers + self.reward_pool.actors:
-            ray.kill(actor)
+        self.samplers.kill_all()
+        self.reward_pool.actors.kill_all()

@@ -110,9 +110,19 @@ class LearnerWorker:
         self.engine.save_checkpoint(str(folder_path / "deepspeed"), tag=tag)
         if self.rank == 0:
             torch.save(self.policy.trainable_state_dict(), folder_path / "trainable.pt")
+            from loop_ray.diffusion.stable_diffusion import plain_unet
 
-    def load_checkpoint(self, folder: str, tag: str) -> None:
-        self.engine.load_checkpoint(str(Path(folder) / "deepspeed"), tag=tag)
+            plain_unet(self.policy.unet).save_pretrained(folder_path / "unet")  # diffusers format
+
+    def load_checkpoint(self, folder: str, tag: str) -> str:
+        """Restore module and optimizer state from a checkpoint (collective); returns the weights'
+        digest so the driver can check every rank loaded the same."""
+        path, _ = self.engine.load_checkpoint(
+            str(Path(folder) / "deepspeed"), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise FileNotFoundError(f"learner {self.rank}: no DeepSpeed checkpoint {tag!r} under {folder}/deepspeed")
+        return self.weights_digest()
 
 
 RemoteLearnerWorker = ray.remote(LearnerWorker)
@@ -149,6 +159,12 @@ class LearnerGroup:
 
     def save_checkpoint(self, folder: str | Path, tag: str) -> None:
         ray.get([w.save_checkpoint.remote(str(folder), tag) for w in self.workers])
+
+    def load_checkpoint(self, folder: str | Path, tag: str) -> list[str]:
+        digests = ray.get([w.load_checkpoint.remote(str(folder), tag) for w in self.workers])
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"learner ranks loaded different weights from {folder}: {digests}")
+        return digests
 
     def shutdown(self) -> None:
         for w in self.workers:

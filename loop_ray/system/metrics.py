@@ -52,7 +52,12 @@ def iteration_record(
         "train/samples_learned": len(batch),
         "train/incomplete_samples_dropped": incomplete,
         "train/stale_groups_dropped": batch.dropped_stale,
+        "train/rejected_groups": batch.rejected_groups,  # an invalid reward (NaN, inf, shape, error)
+        "train/rejected_images": rollout.rejected_images,
         "train/failed_calls": rollout.failures,
+        "faults/sampler_jobs_regenerated": rollout.regenerated,
+        "faults/reward_calls_repeated": rollout.rescored,
+        "train/groups_learned": len(set(batch.group_ids.tolist())),
         "train/advantage_abs_mean": float(batch.advantages.abs().mean()) if len(batch) else float("nan"),
         "staleness/mean": float(np.mean(version - 1 - batch.versions)) if len(batch) else float("nan"),
         "iteration_seconds": seconds,

@@ -3,8 +3,10 @@
 `dispatch` only submits work and returns ObjectRefs: sampler s gets a whole-prompt share of the
 plan and returns (trajectories, stats, image chunks...); each chunk's ref goes straight to a
 reward actor. `collect` waits for the small results (stats, rewards) and, for training, records
-each batch's ref and its rewards in the buffer. A sampler or reward call that fails is logged and
-left out; the buffer then never uses the groups it touched.
+each batch's ref and its rewards in the buffer. A sampler call that fails (its actor lost) is sent
+again with the same prompts and seeds, a reward call again with the same image chunk, to a
+restarted or replacement actor (`loop_ray.system.actors`); only a call that fails every retry is
+left out, and the buffer then never uses the groups it touched.
 """
 
 from __future__ import annotations
@@ -36,7 +38,12 @@ class Rollout:
     stats_refs: list
     chunk_refs: list[list]  # per job: the image chunks' refs
     chunk_spans: list[list[tuple[int, int]]]  # per job: each chunk's [start, stop) in plan order
-    reward_refs: list[tuple[int, object]]  # (job, ref of the reward result)
+    reward_refs: list[tuple[int, int, object]]  # (job, chunk, ref of the reward result)
+    samplers: object = None  # what a lost job is sent to again (an ActorSet or a list)
+    pool: RewardPool | None = None
+    weights: PublishedWeights | None = None
+    reward_batch_size: int = 1
+    evaluation: bool = False
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -47,8 +54,29 @@ def _num_chunks(num_samples: int, num_jobs: int, reward_batch_size: int, num_rew
     return max(1, min(num_samples, wanted))
 
 
+def _submit_job(rollout: Rollout, j: int, sampler) -> None:
+    """Send job j (its prompts and seeds) to `sampler` and its image chunks on to the reward pool,
+    replacing whatever refs job j had."""
+    job, plan = rollout.jobs[j], rollout.plan
+    n = _num_chunks(job.num_samples, len(rollout.jobs), rollout.reward_batch_size, len(rollout.pool.actors))
+    if rollout.evaluation:
+        stats_ref, *chunks = sampler.generate_images.options(num_returns=1 + n).remote(
+            job.prompts, job.seeds, plan.k, rollout.version, rollout.weights, n
+        )
+        batch_ref = None
+    else:
+        batch_ref, stats_ref, *chunks = sampler.generate.options(num_returns=2 + n).remote(
+            job.prompts, job.prompt_ids, job.group_ids, job.seeds, plan.k, rollout.version, rollout.weights, n
+        )
+    rollout.batch_refs[j], rollout.stats_refs[j], rollout.chunk_refs[j] = batch_ref, stats_ref, chunks
+    first = rollout.job_offsets[j]
+    rollout.chunk_spans[j] = [(first + a, first + b) for a, b in chunk_bounds(job.num_samples, n)]
+    rollout.reward_refs = [r for r in rollout.reward_refs if r[0] != j]
+    rollout.reward_refs += [(j, c, rollout.pool.submit(ref)) for c, ref in enumerate(chunks)]
+
+
 def dispatch(
-    samplers: list,
+    samplers,
     pool: RewardPool,
     plan: Plan,
     version: int,
@@ -58,27 +86,15 @@ def dispatch(
     evaluation: bool = False,
 ) -> Rollout:
     jobs = plan.split(len(samplers))
-    offsets = list(np.cumsum([0] + [j.num_samples for j in jobs])[:-1])
-    batch_refs, stats_refs, chunk_refs, chunk_spans, reward_refs = [], [], [], [], []
-    for j, (sampler, job) in enumerate(zip(samplers, jobs)):
-        n = _num_chunks(job.num_samples, len(jobs), reward_batch_size, len(pool.actors))
-        if evaluation:
-            stats_ref, *chunks = sampler.generate_images.options(num_returns=1 + n).remote(
-                job.prompts, job.seeds, plan.k, version, weights, n
-            )
-            batch_ref = None
-        else:
-            batch_ref, stats_ref, *chunks = sampler.generate.options(num_returns=2 + n).remote(
-                job.prompts, job.prompt_ids, job.group_ids, job.seeds, plan.k, version, weights, n
-            )
-        batch_refs.append(batch_ref)
-        stats_refs.append(stats_ref)
-        chunk_refs.append(chunks)
-        chunk_spans.append([(offsets[j] + a, offsets[j] + b) for a, b in chunk_bounds(job.num_samples, n)])
-        reward_refs += [(j, pool.submit(c)) for c in chunks]
-    return Rollout(
-        plan, version, jobs, [int(o) for o in offsets], batch_refs, stats_refs, chunk_refs, chunk_spans, reward_refs
+    offsets = [int(o) for o in np.cumsum([0] + [j.num_samples for j in jobs])[:-1]]
+    empty = [None] * len(jobs)
+    rollout = Rollout(
+        plan, version, jobs, offsets, list(empty), list(empty), [[] for _ in jobs], [[] for _ in jobs], [],
+        samplers, pool, weights, reward_batch_size, evaluation,
     )
+    for j in range(len(jobs)):
+        _submit_job(rollout, j, samplers[j])
+    return rollout
 
 
 @dataclass
@@ -88,29 +104,56 @@ class RolloutResult:
     sampler_stats: list[dict]
     reward_stats: list[dict]  # one per reward call: rank, images, seconds
     seconds: float
-    failures: int
+    failures: int  # calls that failed even after their retries (their groups are not used)
     entry_ids: list[int | None] = field(default_factory=list)  # buffer entries (training)
+    regenerated: int = 0  # sampler jobs sampled again (same prompts and seeds) after a failure
+    rescored: int = 0  # reward calls made again after a failure
+    rejected_images: int = 0  # scored invalid (NaN, inf, wrong shape, error): NaN in `rewards`
+    problems: list[str] = field(default_factory=list)  # what the reward terms got wrong
 
 
 def _get(ref, what: str):
     try:
         return ray.get(ref)
     except ray.exceptions.RayError as err:
-        log.warning("%s failed and is left out: %s", what, err)
+        log.warning("%s failed: %s", what, str(err).splitlines()[0])
         return None
 
 
-def collect(rollout: Rollout, buffer: TrajectoryBuffer | None = None) -> RolloutResult:
-    """Wait for the rollout's stats and rewards; with a buffer, register every batch whose
-    sampler succeeded and set the rewards that came back."""
+def _stats_with_retries(rollout: Rollout, j: int, retries: int) -> tuple[dict | None, int]:
+    """Job j's sampler stats; when its call failed, the job is sent again with the same prompts
+    and seeds (to sampler j once Ray restarted it or a fresh one replaced it, then to the next
+    samplers), so the lost trajectories are regenerated exactly. Returns (stats, times resent)."""
+    stats = _get(rollout.stats_refs[j], f"sampler call {j} (iteration version {rollout.version})")
+    attempt = 0
+    while stats is None and attempt < retries and rollout.samplers is not None:
+        attempt += 1
+        i = (j + attempt - 1) % len(rollout.samplers)
+        try:
+            sampler = rollout.samplers.revive(i) if hasattr(rollout.samplers, "revive") else rollout.samplers[i]
+        except ray.exceptions.RayError as err:
+            log.warning("sampler %d cannot be revived: %s", i, str(err).splitlines()[0])
+            continue
+        log.warning("sampling job %d again on sampler %d with the same prompts and seeds (attempt %d)", j, i, attempt)
+        _submit_job(rollout, j, sampler)
+        stats = _get(rollout.stats_refs[j], f"sampler call {j}, attempt {attempt + 1}")
+    return stats, attempt
+
+
+def collect(rollout: Rollout, buffer: TrajectoryBuffer | None = None, retries: int = 2) -> RolloutResult:
+    """Wait for the rollout's stats and rewards, sending a failed sampler or reward call again up
+    to `retries` times; with a buffer, register every batch whose sampler succeeded and set the
+    rewards that came back. A call that still fails is counted and its groups never complete."""
     total = len(rollout.plan.seeds)
     rewards = np.full(total, np.nan, np.float32)
     parts: dict[str, np.ndarray] = {}
-    failures = 0
-    sampler_stats, entry_ids = [], []
+    failures = regenerated = rescored = 0
+    sampler_stats, entry_ids, sampled = [], [], []
     for j, job in enumerate(rollout.jobs):
-        stats = _get(rollout.stats_refs[j], f"sampler call {j}")
+        stats, resent = _stats_with_retries(rollout, j, retries)
+        regenerated += resent
         failures += stats is None
+        sampled.append(stats is not None)
         if stats is not None:
             sampler_stats.append(stats)
         entry = None
@@ -121,9 +164,23 @@ def collect(rollout: Rollout, buffer: TrajectoryBuffer | None = None) -> Rollout
                 np.repeat(job.group_ids, k), [p for p in job.prompts for _ in range(k)],
             )
         entry_ids.append(entry)
-    reward_stats = []
-    for j, ref in rollout.reward_refs:
+    reward_stats, rejected_images, problems = [], 0, []
+    for j, c, ref in list(rollout.reward_refs):
+        if not sampled[j]:
+            continue  # its sampler job failed for good: nothing to score
         result = _get(ref, f"reward call for sampler share {j}")
+        attempt = 0
+        while result is None and attempt < retries and rollout.pool is not None:
+            attempt += 1
+            try:
+                ref = rollout.pool.retry(rollout.chunk_refs[j][c], ref, attempt)
+            except ray.exceptions.RayError as err:
+                log.warning("reward actor cannot be revived: %s", str(err).splitlines()[0])
+                break
+            result = _get(ref, f"reward call for sampler share {j}, attempt {attempt + 1}")
+        rescored += attempt
+        if rollout.pool is not None:
+            rollout.pool.forget(ref)
         if result is None:
             failures += 1
             continue
@@ -134,8 +191,11 @@ def collect(rollout: Rollout, buffer: TrajectoryBuffer | None = None) -> Rollout
         if buffer is not None and entry_ids[j] is not None:
             buffer.set_rewards(entry_ids[j], result["start"], result["rewards"])
         reward_stats.append({k: result[k] for k in ("rank", "images", "seconds")})
+        rejected_images += int((~result["valid"]).sum())  # the buffer rejects their groups
+        problems += result["problems"]
     return RolloutResult(
-        rewards, parts, sampler_stats, reward_stats, time.perf_counter() - rollout.started, failures, entry_ids
+        rewards, parts, sampler_stats, reward_stats, time.perf_counter() - rollout.started, failures, entry_ids,
+        regenerated, rescored, rejected_images, problems,
     )
 
 

@@ -31,7 +31,7 @@ def _jsonable(value):
 
 
 class RunDir:
-    def __init__(self, path: Path, tensorboard: bool):
+    def __init__(self, path: Path, tensorboard: bool, purge_step: int | None = None):
         self.path = path
         (path / "eval").mkdir(parents=True, exist_ok=True)
         (path / "checkpoints").mkdir(exist_ok=True)
@@ -40,7 +40,7 @@ class RunDir:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(path / "tensorboard"))
+            self._tb = SummaryWriter(str(path / "tensorboard"), purge_step=purge_step)
         self.train_points: list[tuple[int, float]] = []
         self.eval_points: list[tuple[int, float]] = []
 
@@ -55,6 +55,23 @@ class RunDir:
         path.mkdir(parents=True)
         run = cls(path, cfg.logging.tensorboard)
         dump_config(cfg, path / "config.yaml")
+        return run
+
+    @classmethod
+    def reopen(cls, path: Path, cfg: ExperimentConfig, records: list[dict], images_seen: int) -> RunDir:
+        """Continue a run folder from a checkpoint: metrics.jsonl is rewritten with the records the
+        checkpoint holds (anything logged after it is dropped, to be logged again), TensorBoard
+        purges its events after `images_seen`, and config.yaml gets the resumed configuration."""
+        tmp = path / "metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(_jsonable(r)) + "\n" for r in records))
+        tmp.replace(path / "metrics.jsonl")
+        run = cls(path, cfg.logging.tensorboard, purge_step=images_seen + 1 if images_seen else None)
+        dump_config(cfg, path / "config.yaml")
+        for r in records:
+            if r.get("kind") == "train":
+                run.add_train_point(r["images_seen"], r["train/reward_mean"])
+            elif r.get("kind") == "eval":
+                run.add_eval_point(r["images_seen"], r["eval/reward_mean"])
         return run
 
     @property

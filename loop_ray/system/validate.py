@@ -1,5 +1,5 @@
 """Checks of an experiment's inputs that need more than the config schema, run before any actor
-starts: prompt sources resolve, reward names are registered, model files exist, the learner
+starts: prompt sources resolve, reward names are registered or import, model files exist, the learner
 backend fits the devices. Each failure is a ConfigError naming the key and the file or value."""
 
 from __future__ import annotations
@@ -19,29 +19,50 @@ def _prompts(cfg: ExperimentConfig, key: str) -> PromptSet:
 
 
 def _check_rewards(cfg: ExperimentConfig) -> None:
-    from loop_ray.rewards import available_rewards
+    """Registered names are known; import paths ("package.module:callable") import here, in the
+    driver (the reward actors import them again, so they must be importable there too)."""
+    from loop_ray.rewards import available_rewards, is_import_path, load_import_path
 
     names = available_rewards()
     for i, term in enumerate(cfg.reward.terms):
-        if term.name not in names:
+        if is_import_path(term.name):
+            try:
+                load_import_path(term.name)
+            except (ImportError, TypeError, ValueError) as err:
+                raise ConfigError(f"reward.terms.{i}.name: {err}") from None
+            except Exception as err:  # noqa: BLE001 - importing user code may raise anything
+                raise ConfigError(
+                    f"reward.terms.{i}.name: importing {term.name!r} raised {type(err).__name__}: {err}"
+                ) from None
+        elif term.name not in names:
             raise ConfigError(f"reward.terms.{i}.name: unknown reward {term.name!r}; registered rewards: {names}")
 
 
 def _check_model(cfg: ExperimentConfig) -> None:
+    """The model folder is complete, as the actors' loaders will want it. A Stable Diffusion path
+    that looks local (./, /, ~) is checked here; anything else may be a Hugging Face id, resolved
+    from the cache of the nodes the actors run on."""
     kind, path = cfg.model.kind, cfg.model.path
     if kind == "toy":
-        from loop_ray.toy.model import default_model_path
+        from loop_ray.toy.model import PARTS, default_model_path
 
         folder = Path(path) if path else default_model_path()
-        if not (folder / "unet").is_dir():
+        missing = [f"{p}/" for p in PARTS if not (folder / p).is_dir()]
+        missing += [] if (folder / "model_index.json").is_file() else ["model_index.json"]
+        if missing:
+            what = f"missing {', '.join(missing)}" if folder.is_dir() else "no such folder"
             raise ConfigError(
-                f"model.path: no toy model at {folder} (expected unet/, text_encoder/, tokenizer/, scheduler/); "
-                "pre-train one with `loop-ray pretrain-toy` or point model.path at one"
+                f"model.path: no toy model at {folder} ({what}; expected unet/, text_encoder/, "
+                "tokenizer/, scheduler/, model_index.json); pre-train one with `loop-ray pretrain-toy` "
+                "or point model.path at one"
             )
-    # a path that looks local must be a folder; anything else may be a Hugging Face id
-    local = kind == "stable_diffusion" and path and path.startswith((".", "/", "~"))
-    if local and not Path(path).expanduser().is_dir():
-        raise ConfigError(f"model.path: {path!r} is not a folder (a diffusers Stable Diffusion folder expected)")
+    if kind == "stable_diffusion" and path and path.startswith((".", "/", "~")):
+        from loop_ray.diffusion.stable_diffusion import resolve_model_folder
+
+        try:
+            resolve_model_folder(path, cfg.model.revision)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"model.path: {err}") from None
 
 
 def _check_learner(cfg: ExperimentConfig) -> None:

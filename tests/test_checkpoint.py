@@ -1,0 +1,112 @@
+"""Checkpoint folders: written atomically with a manifest; a truncated or corrupt one is refused
+with its name, and the previous good one is used (no Ray here: folders are made by hand)."""
+
+import json
+import logging
+
+import pytest
+
+from loop_ray.config import ConfigError, ExperimentConfig
+from loop_ray.system.checkpoint import (
+    CheckpointError,
+    checkpoint_name,
+    latest_good_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from loop_ray.system.resume import auto_resume_point, capture_rng, check_resumable, restore_rng, resume_point
+
+
+class FakeLearner:
+    """Writes what LearnerGroup.save_checkpoint writes, with recognisable bytes."""
+
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+
+    def save_checkpoint(self, folder, tag):
+        (folder / "trainable.pt").write_bytes(b"weights-" + tag.encode() * 100)
+        (folder / "deepspeed" / tag).mkdir(parents=True)
+        (folder / "deepspeed" / tag / "mp_rank_00_model_states.pt").write_bytes(b"optimizer" * 50)
+        if self.fail:
+            raise RuntimeError("node lost while writing")
+
+
+def _save(root, it, keep_last=5, fail=False):
+    state = {"iteration": it, "version": it, "images_seen": 8 * it, "records": []}
+    return save_checkpoint(root, it, ExperimentConfig(), FakeLearner(fail), state, keep_last)
+
+
+def test_checkpoint_verifies_and_prunes_to_keep_last(tmp_path):
+    for it in (1, 2, 3):
+        _save(tmp_path, it, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint_name(2), checkpoint_name(3)]
+    assert verify_checkpoint(tmp_path / checkpoint_name(3))["iteration"] == 3
+
+
+def test_crash_while_writing_leaves_the_previous_checkpoint_the_latest(tmp_path):
+    _save(tmp_path, 1)
+    with pytest.raises(RuntimeError, match="node lost"):
+        _save(tmp_path, 2, fail=True)
+    assert not (tmp_path / checkpoint_name(2)).exists()  # only the .tmp- folder got anything
+    folder, state = latest_good_checkpoint(tmp_path)
+    assert folder.name == checkpoint_name(1) and state["iteration"] == 1
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "no_manifest"])
+def test_damaged_checkpoint_is_refused_by_name_and_the_previous_used(tmp_path, damage, caplog):
+    _save(tmp_path, 1)
+    bad = _save(tmp_path, 2)
+    target = bad / "trainable.pt"
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:10])
+    elif damage == "flip":
+        data = bytearray(target.read_bytes())
+        data[20] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif damage == "delete":
+        (bad / "deepspeed" / checkpoint_name(2) / "mp_rank_00_model_states.pt").unlink()
+    else:
+        (bad / "MANIFEST.json").unlink()
+    with pytest.raises(CheckpointError, match=checkpoint_name(2)):
+        verify_checkpoint(bad)
+    with caplog.at_level(logging.WARNING):
+        folder, state = latest_good_checkpoint(tmp_path)
+    assert folder.name == checkpoint_name(1) and state["iteration"] == 1
+    assert checkpoint_name(2) in caplog.text
+
+
+def test_resume_point_of_a_run_folder_and_auto(tmp_path):
+    cfg = ExperimentConfig(name="exp", output_dir=str(tmp_path))
+    assert auto_resume_point(cfg) is None  # nothing to resume: a fresh run
+    run = tmp_path / "exp-20260101-000000"
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="no usable checkpoint"):
+        resume_point(run)
+    _save(run / "checkpoints", 2)
+    point = resume_point(run)
+    assert point.run_dir == run and point.iteration == 2
+    assert resume_point(point.checkpoint).run_dir == run  # a checkpoint folder works too
+    assert auto_resume_point(cfg).checkpoint == point.checkpoint
+    with pytest.raises(ConfigError, match="not a loop-ray run folder"):
+        resume_point(tmp_path)
+
+
+def test_resume_may_extend_the_run_but_not_change_its_maths(tmp_path):
+    saved = ExperimentConfig(iterations=2)
+    check_resumable(saved, ExperimentConfig(iterations=4), tmp_path)
+    check_resumable(saved, saved.model_copy(update={"eval": saved.eval.model_copy(update={"every": 3})}), tmp_path)
+    changed = saved.model_copy(update={"learner": saved.learner.model_copy(update={"lr": 1.0})})
+    with pytest.raises(ConfigError, match="learner.lr"):
+        check_resumable(saved, changed, tmp_path)
+
+
+def test_rng_state_round_trips_through_json():
+    import random
+
+    import numpy as np
+    import torch
+
+    state = json.loads(json.dumps(capture_rng()))
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    restore_rng(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
