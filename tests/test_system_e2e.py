@@ -70,6 +70,21 @@ def test_async_mode_learns_from_samples_one_version_old(ray_session, tmp_path):
     assert [r["train/samples_learned"] for r in records] == [8, 8, 8]
     assert records[0]["learner/first_ratio_max_abs_dev"] <= 1e-5
     assert records[2]["learner/first_ratio_max_abs_dev"] > 1e-5  # off-policy: the ratio starts away from 1
+    assert [r["staleness/counts"] for r in records] == [[8], [0, 8], [0, 8]]  # histogram over versions
+    assert all(0.0 <= r["idle/sampler_fraction"] <= 1.0 and 0.0 <= r["idle/learner_fraction"] <= 1.0
+               for r in records)
+
+
+def test_async_mode_with_staleness_zero_is_sync_mode(ray_session, tmp_path):
+    def run(mode):
+        cfg = load_config("configs/debug.yaml", {
+            "output_dir": str(tmp_path / mode), "iterations": 2, "cluster.mode": mode, "cluster.max_staleness": 0,
+            "eval.max_prompts": 1, "eval.images_per_prompt": 1, "logging.tensorboard": False,
+        })
+        keys = ("train/reward_mean", "learner/loss", "learner/grad_norm", "staleness/counts", "version")
+        return [{k: r[k] for k in keys} for r in _records(train(cfg).run_dir, "train")]
+
+    assert run("async") == run("sync")
 
 
 @pytest.mark.parametrize(

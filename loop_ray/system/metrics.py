@@ -60,6 +60,9 @@ def iteration_record(
         "train/groups_learned": len(set(batch.group_ids.tolist())),
         "train/advantage_abs_mean": float(batch.advantages.abs().mean()) if len(batch) else float("nan"),
         "staleness/mean": float(np.mean(version - 1 - batch.versions)) if len(batch) else float("nan"),
+        "staleness/max": int(np.max(version - 1 - batch.versions)) if len(batch) else 0,
+        # histogram: samples learned at staleness 0, 1, 2, ... versions
+        "staleness/counts": np.bincount(version - 1 - batch.versions).tolist() if len(batch) else [],
         "iteration_seconds": seconds,
         "throughput/images_per_s": len(rollout.rewards) / seconds if seconds > 0 else float("nan"),
     }
@@ -80,6 +83,7 @@ def iteration_record(
         rec["learner/seconds"] = max(m["seconds"] for m in learner)
         learner_work, rec["throughput/learner_images_per_s"] = _per_actor(learner, "samples")
         rec["work/learner_samples"] = learner_work
+    rec.update(idle_fractions(rollout.sampler_stats, learner, seconds))
     rec["weights/sampler_load_seconds"] = max((s["weight_load_seconds"] for s in rollout.sampler_stats), default=0.0)
     if weights is not None:
         rec["weights/publish_seconds"] = weights.publish_seconds
@@ -88,3 +92,18 @@ def iteration_record(
         rec["learner/weights_digests"] = digests
         rec["learner/weights_in_sync"] = len(set(digests)) == 1
     return rec
+
+
+def idle_fractions(sampler_stats: list[dict], learner: list[dict], seconds: float) -> dict[str, float]:
+    """Share of the iteration's wall time each role waited: samplers (mean over the sampler calls
+    collected this iteration) and the learner (its slowest rank). In sync mode the samplers wait
+    while the learner trains and the other way round; async mode overlaps the two."""
+    if seconds <= 0:
+        return {}
+    out = {}
+    if sampler_stats:
+        busy = np.mean([s["seconds"] for s in sampler_stats])
+        out["idle/sampler_fraction"] = float(np.clip(1.0 - busy / seconds, 0.0, 1.0))
+    if learner:
+        out["idle/learner_fraction"] = float(np.clip(1.0 - max(m["seconds"] for m in learner) / seconds, 0.0, 1.0))
+    return out
