@@ -31,9 +31,14 @@ def _one(job: dict) -> dict:
 
     pin_threads(1)
     data = yaml.safe_load(Path(job["config"]).read_text())
-    cfg = config_from_dict(data, source=job["config"], overrides=job["overrides"])
+    overrides = dict(job["overrides"])
+    control = overrides.pop("control", None)  # a diagnostic, not a config key: see --help
+    cfg = config_from_dict(data, source=job["config"], overrides=overrides)
     start = time.perf_counter()
-    result = LocalRun(cfg, device=job["device"]).run()
+    run = LocalRun(cfg, device=job["device"])
+    if control is not None:
+        _apply_control(run, control, cfg.seed)
+    result = run.run()
     h = result["history"]
     return {
         "overrides": job["overrides"],
@@ -44,6 +49,30 @@ def _one(job: dict) -> dict:
         "clip_fraction": [round(x["learner/clip_fraction"], 3) for x in h],
         "seconds": round(time.perf_counter() - start, 1),
     }
+
+
+def _apply_control(run, control: str, seed: int) -> None:
+    """Controls for the learning signal: train on the advantages `shuffle`d across the iteration's
+    samples (no information about which image was better, same magnitudes) or `negate`d. A run
+    with the true advantages that loses reward as fast as the shuffled control gets no usable
+    signal from its batch; one that loses it faster points at a sign error."""
+    import torch
+
+    sample_and_score = run.sample_and_score
+    generator = torch.Generator().manual_seed(seed)
+
+    def controlled(iteration):
+        out = sample_and_score(iteration)
+        batch = out[0] if isinstance(out, tuple) else out
+        if control == "shuffle":
+            batch.advantages = batch.advantages[torch.randperm(len(batch.advantages), generator=generator)]
+        elif control == "negate":
+            batch.advantages = -batch.advantages
+        else:
+            raise ValueError(f"control={control!r}: use shuffle or negate")
+        return out
+
+    run.sample_and_score = controlled
 
 
 def main() -> int:
