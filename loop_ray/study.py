@@ -161,11 +161,16 @@ def _cached(out_dir: Path, name: str, spec: dict, compute):
     if path.is_file():
         return json.loads(path.read_text())
     value = compute()
+    _write_json(path, value)
+    return value
+
+
+def _write_json(path: Path, value) -> None:
+    """Written under a temporary name and renamed, so a killed study never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(value))
     tmp.replace(path)
-    return value
 
 
 def _evaluate_before(data: dict, source: str, overrides: dict, device: str, threads: int) -> dict:
@@ -199,9 +204,7 @@ def _run_all(jobs: list[dict], out_dir: Path, workers: int) -> list[dict]:
 
     def store(i: int, path: Path, result: dict) -> None:
         results[i] = result
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".tmp").write_text(json.dumps(result))
-        path.with_suffix(".tmp").replace(path)
+        _write_json(path, result)
         after = result["after"]["mean"]
         print(f"study: {result['label']} seed {result['seed']}: held-out {after:.3f} "
               f"({result['wall_seconds']:.0f} s; {len(results)}/{len(jobs)})", flush=True)

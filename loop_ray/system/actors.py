@@ -35,9 +35,6 @@ class ActorSet:
     def __iter__(self) -> Iterator:
         return iter(list(self._actors))
 
-    def index(self, actor) -> int:
-        return self._actors.index(actor)
-
     def revive(self, i: int):
         """Actor i if it answers (after a restart by Ray, if one is under way), else a fresh actor
         of rank i started in its place."""

@@ -42,6 +42,7 @@ def iteration_record(
     seconds: float,
 ) -> dict:
     rewards = rollout.rewards[~np.isnan(rollout.rewards)]
+    staleness = version - 1 - batch.versions  # versions between sampling and learning, per sample
     rec: dict = {
         "kind": "train",
         "iteration": iteration,
@@ -59,10 +60,10 @@ def iteration_record(
         "faults/reward_calls_repeated": rollout.rescored,
         "train/groups_learned": len(set(batch.group_ids.tolist())),
         "train/advantage_abs_mean": float(batch.advantages.abs().mean()) if len(batch) else float("nan"),
-        "staleness/mean": float(np.mean(version - 1 - batch.versions)) if len(batch) else float("nan"),
-        "staleness/max": int(np.max(version - 1 - batch.versions)) if len(batch) else 0,
+        "staleness/mean": float(np.mean(staleness)) if len(batch) else float("nan"),
+        "staleness/max": int(np.max(staleness)) if len(batch) else 0,
         # histogram: samples learned at staleness 0, 1, 2, ... versions
-        "staleness/counts": np.bincount(version - 1 - batch.versions).tolist() if len(batch) else [],
+        "staleness/counts": np.bincount(staleness).tolist() if len(batch) else [],
         "iteration_seconds": seconds,
         "throughput/images_per_s": len(rollout.rewards) / seconds if seconds > 0 else float("nan"),
     }

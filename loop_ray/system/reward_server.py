@@ -69,7 +69,7 @@ RemoteRewardActor = ray.remote(RewardActor)
 
 
 class RewardPool:
-    """Driver-side handle on the reward actors (an ActorSet, or a plain list in tests)."""
+    """Driver-side handle on the reward actors (an ActorSet)."""
 
     def __init__(self, actors):
         if not len(actors):
@@ -108,6 +108,5 @@ class RewardPool:
         i = (self._served_by.pop(failed_ref, 0) + attempt - 1) % len(self.actors)
         if failed_ref in self._in_flight[i]:
             self._in_flight[i].remove(failed_ref)
-        if hasattr(self.actors, "revive"):
-            self.actors.revive(i)
+        self.actors.revive(i)
         return self._submit_to(i, chunk_ref)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
+from loop_ray.system.actors import ActorSet
 from loop_ray.system.buffer import TrajectoryBuffer
 from loop_ray.system.plan import Plan, SamplerJob
 from loop_ray.system.reward_server import RewardPool
@@ -39,8 +40,8 @@ class Rollout:
     chunk_refs: list[list]  # per job: the image chunks' refs
     chunk_spans: list[list[tuple[int, int]]]  # per job: each chunk's [start, stop) in plan order
     reward_refs: list[tuple[int, int, object]]  # (job, chunk, ref of the reward result)
-    samplers: object = None  # what a lost job is sent to again (an ActorSet or a list)
-    pool: RewardPool | None = None
+    samplers: ActorSet  # where a lost job is sent again
+    pool: RewardPool
     weights: PublishedWeights | None = None
     reward_batch_size: int = 1
     evaluation: bool = False
@@ -76,7 +77,7 @@ def _submit_job(rollout: Rollout, j: int, sampler) -> None:
 
 
 def dispatch(
-    samplers,
+    samplers: ActorSet,
     pool: RewardPool,
     plan: Plan,
     version: int,
@@ -126,11 +127,11 @@ def _stats_with_retries(rollout: Rollout, j: int, retries: int) -> tuple[dict | 
     samplers), so the lost trajectories are regenerated exactly. Returns (stats, times resent)."""
     stats = _get(rollout.stats_refs[j], f"sampler call {j} (iteration version {rollout.version})")
     attempt = 0
-    while stats is None and attempt < retries and rollout.samplers is not None:
+    while stats is None and attempt < retries:
         attempt += 1
         i = (j + attempt - 1) % len(rollout.samplers)
         try:
-            sampler = rollout.samplers.revive(i) if hasattr(rollout.samplers, "revive") else rollout.samplers[i]
+            sampler = rollout.samplers.revive(i)
         except ray.exceptions.RayError as err:
             log.warning("sampler %d cannot be revived: %s", i, str(err).splitlines()[0])
             continue
@@ -170,7 +171,7 @@ def collect(rollout: Rollout, buffer: TrajectoryBuffer | None = None, retries: i
             continue  # its sampler job failed for good: nothing to score
         result = _get(ref, f"reward call for sampler share {j}")
         attempt = 0
-        while result is None and attempt < retries and rollout.pool is not None:
+        while result is None and attempt < retries:
             attempt += 1
             try:
                 ref = rollout.pool.retry(rollout.chunk_refs[j][c], ref, attempt)
@@ -179,8 +180,7 @@ def collect(rollout: Rollout, buffer: TrajectoryBuffer | None = None, retries: i
                 break
             result = _get(ref, f"reward call for sampler share {j}, attempt {attempt + 1}")
         rescored += attempt
-        if rollout.pool is not None:
-            rollout.pool.forget(ref)
+        rollout.pool.forget(ref)
         if result is None:
             failures += 1
             continue
