@@ -1,7 +1,8 @@
 """Prompt sources.
 
 A source is named by a string:
-  toy:pretrain | toy:train | toy:val      the embedded world's grammar split (loop_ray.toy.grammar)
+  toy:pretrain | toy:train | toy:val      the embedded world's grammar split (loop_ray.toy.grammar);
+  toy:train:two_object                    one category of a split (the paper trains one task at a time)
   compbench:<split>                       T2I-CompBench, e.g. compbench:color_train, compbench:shape_val
   ddpo:<list>                             DDPO's lists: ddpo:simple_animals, ddpo:activities
   <path>                                  any text file, one prompt a line (blank lines and # comments skipped)
@@ -55,9 +56,14 @@ def read_prompt_file(path: str | Path, source: str | None = None) -> list[str]:
 def load_prompts(spec: str) -> PromptSet:
     """Resolve a prompt-source string (see the module docstring) to prompts with categories."""
     if spec.startswith("toy:"):
-        from loop_ray.toy.grammar import prompt_split
+        from loop_ray.toy.grammar import CATEGORIES, prompt_split
 
-        pairs = prompt_split(spec.split(":", 1)[1])
+        split, _, only = spec.split(":", 1)[1].partition(":")
+        pairs = prompt_split(split)
+        if only:
+            if only not in CATEGORIES:
+                raise ValueError(f"unknown toy category {only!r} in prompt source {spec!r}; categories: {list(CATEGORIES)}")
+            pairs = [(p, c) for p, c in pairs if c == only]
         return PromptSet([p for p, _ in pairs], [c for _, c in pairs], spec)
     if spec.startswith("compbench:"):
         split = spec.split(":", 1)[1]

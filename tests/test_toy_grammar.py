@@ -81,3 +81,13 @@ def test_unknown_split_and_prompt_source():
         prompt_split("test")
     val = load_prompts("toy:val")
     assert len(val) == len(prompt_split("val")) and set(val.categories) == set(CATEGORIES)
+
+
+def test_one_category_of_a_split():
+    """toy:<split>:<category> keeps that category's prompts of the split, all of them, nothing else."""
+    two = load_prompts("toy:train:two_object")
+    expected = [p for p, c in prompt_split("train") if c == "two_object"]
+    assert two.prompts == expected and set(two.categories) == {"two_object"} and len(two) > 100
+    assert not set(two.prompts) & set(load_prompts("toy:val").prompts)
+    with pytest.raises(ValueError, match="unknown toy category 'three_object' in prompt source 'toy:train:three_object'"):
+        load_prompts("toy:train:three_object")
