@@ -89,15 +89,15 @@ def evaluate_policy(
     rewards_arr[~np.isfinite(rewards_arr)] = np.nan  # invalid: left out below
     for c in dict.fromkeys(cats):
         rows = rewards_arr[[j for j, cc in enumerate(cats) if cc == c]]
-        categories[c] = {"mean": _finite_mean(rows), "std": _finite_mean(rows, std=True), "prompts": len(rows),
+        categories[c] = {"mean": finite_mean(rows), "std": finite_mean(rows, std=True), "prompts": len(rows),
                          "images": rows.size}
     return {
-        "mean": _finite_mean(rewards_arr),
+        "mean": finite_mean(rewards_arr),
         "rejected_images": int(np.isnan(rewards_arr).sum()),
         "categories": categories,
-        "terms": {name: _finite_mean(np.concatenate(v)) for name, v in parts.items()},
+        "terms": {name: finite_mean(np.concatenate(v)) for name, v in parts.items()},
         "per_prompt": [
-            {"prompt": prompt_set.prompts[i], "category": c, "mean": _finite_mean(r), "rewards": [round(float(x), 4) for x in r]}
+            {"prompt": prompt_set.prompts[i], "category": c, "mean": finite_mean(r), "rewards": [round(float(x), 4) for x in r]}
             for i, c, r in zip(indices, cats, rewards_arr)
         ],
         "images_per_prompt": k,
@@ -109,7 +109,7 @@ def evaluate_policy(
     }
 
 
-def _finite_mean(values: np.ndarray, std: bool = False) -> float:
+def finite_mean(values: np.ndarray, std: bool = False) -> float:
     """Mean (or std) of the finite values; NaN when there are none."""
     values = np.asarray(values)[np.isfinite(values)]
     if not values.size:

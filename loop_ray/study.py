@@ -154,10 +154,15 @@ def _key(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _cached(out_dir: Path, name: str, spec: dict, compute):
-    """A result stored under out_dir/cache/ by name and a hash of everything it depends on, so an
+def _cache_path(out_dir: Path, name: str, spec: dict) -> Path:
+    """Where a result is stored: out_dir/cache/ by name and a hash of everything it depends on, so an
     interrupted study continues where it stopped and a finished run is never run twice."""
-    path = out_dir / "cache" / f"{name}-{_key(spec)}.json"
+    return out_dir / "cache" / f"{name}-{_key(spec)}.json"
+
+
+def _cached(out_dir: Path, name: str, spec: dict, compute):
+    """The stored result (see `_cache_path`), else `compute()` stored."""
+    path = _cache_path(out_dir, name, spec)
     if path.is_file():
         return json.loads(path.read_text())
     value = compute()
@@ -194,7 +199,7 @@ def _run_all(jobs: list[dict], out_dir: Path, workers: int) -> list[dict]:
     results: dict[int, dict] = {}
     todo = []
     for i, job in enumerate(jobs):
-        path = out_dir / "cache" / f"{job['label']}-s{job['seed']}-{_key(_job_spec(job))}.json"
+        path = _cache_path(out_dir, f"{job['label']}-s{job['seed']}", _job_spec(job))
         if path.is_file():
             results[i] = json.loads(path.read_text())
         else:

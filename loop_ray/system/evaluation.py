@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from loop_ray.config import ExperimentConfig
+from loop_ray.evaluate import finite_mean
 from loop_ray.rewards.checks import describe_problems
 from loop_ray.system.plan import Plan
 from loop_ray.system.rollout import collect, dispatch, fetch_images
@@ -45,14 +46,10 @@ def summarise(plan: Plan, rewards: np.ndarray, parts: dict[str, np.ndarray]) -> 
     """Mean reward overall, per category, and per reward term (the NaNs of failed calls and of
     invalid rewards left out; NaN where nothing is left)."""
     categories = np.repeat(np.array(plan.categories), plan.k)
-    by_category = {c: _finite_mean(rewards[categories == c]) for c in dict.fromkeys(plan.categories)}
-    by_term = {t: _finite_mean(v) for t, v in parts.items()}
-    return _finite_mean(rewards), by_category, by_term
+    by_category = {c: finite_mean(rewards[categories == c]) for c in dict.fromkeys(plan.categories)}
+    by_term = {t: finite_mean(v) for t, v in parts.items()}
+    return finite_mean(rewards), by_category, by_term
 
-
-def _finite_mean(values: np.ndarray) -> float:
-    values = values[np.isfinite(values)]
-    return float(values.mean()) if values.size else float("nan")
 
 
 def evaluate(

@@ -32,7 +32,7 @@ class RewardActor:
 
     def score(self, chunk: dict) -> dict:
         """Score `{"images": uint8 [B, H, W, 3], "prompts": [B], "start": int}`; returns the total
-        reward [B] (NaN where invalid), each term's values, per-image validity, what was wrong
+        reward [B] (NaN where invalid), each term's values, what was wrong
         (one line per failing term call, naming the term) and timing. A term that raises or
         returns NaN, inf or a wrong shape does not fail the call: its images come back invalid."""
         images, prompts = chunk["images"], chunk["prompts"]
@@ -54,7 +54,6 @@ class RewardActor:
             "rank": self.rank,
             "start": chunk["start"],
             "rewards": rewards,
-            "valid": np.isfinite(rewards),
             "problems": problems,
             "parts": {n: np.concatenate(v) if v else np.zeros(0, np.float32) for n, v in parts.items()},
             "images": len(prompts),

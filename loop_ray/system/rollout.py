@@ -191,7 +191,7 @@ def collect(rollout: Rollout, buffer: TrajectoryBuffer | None = None, retries: i
         if buffer is not None and entry_ids[j] is not None:
             buffer.set_rewards(entry_ids[j], result["start"], result["rewards"])
         reward_stats.append({k: result[k] for k in ("rank", "images", "seconds")})
-        rejected_images += int((~result["valid"]).sum())  # the buffer rejects their groups
+        rejected_images += int((~np.isfinite(result["rewards"])).sum())  # the buffer rejects their groups
         problems += result["problems"]
     return RolloutResult(
         rewards, parts, sampler_stats, reward_stats, time.perf_counter() - rollout.started, failures, entry_ids,
