@@ -10,6 +10,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from loop_ray.config import ExperimentConfig
 from loop_ray.diffusion.models import build_policy, tiny_sd_components
 from loop_ray.diffusion.policy import DiffusionPolicy
+from numerics import logprob_atol, network_rel_error, sampler_atol
 
 torch.set_num_threads(1)
 
@@ -55,16 +56,31 @@ def test_sample_record_shapes_dtypes_and_groups(policy, batch):
     )
 
 
+def _batch_tolerances(policy, sample):
+    """(latent atol, log-prob atol) for one sample compared across batch compositions: rounding
+    only, derived in tests/numerics.py from the UNet's reductions, T, w and the values' scale."""
+    sigma_min = float(policy.sigmas[policy.sigmas > 0].min())
+    atol_x = sampler_atol(policy.unet, sample.latents, policy.num_steps, policy.guidance_scale)
+    return atol_x, logprob_atol(sample.latents, sigma_min, sample.latents[0, 0].numel())
+
+
 def test_a_sample_depends_only_on_prompt_seed_and_weights(policy, batch):
-    # the 4th sample (prompt 1, seed 13) alone, and inside another batch composition chunked by 2
+    # the 4th sample (prompt 1, seed 13) alone, and inside another batch composition chunked by 2;
+    # another batch may take other CPU kernels, so equal up to float32 rounding (tests/numerics.py)
+    atol_x, atol_logp = _batch_tolerances(policy, batch.select([3]))
     alone = policy.sample([PROMPTS[1]], k=1, seeds=[13])
     mixed = policy.sample([PROMPTS[2], PROMPTS[1], PROMPTS[0]], k=1, seeds=[99, 13, 5], batch_size=2)
     for other, row in ((alone, 0), (mixed, 1)):
-        torch.testing.assert_close(other.latents[row], batch.latents[3], rtol=0, atol=1e-5)
-        torch.testing.assert_close(other.log_probs[row], batch.log_probs[3], rtol=0, atol=1e-5)
+        torch.testing.assert_close(other.latents[row], batch.latents[3], rtol=0, atol=atol_x)
+        torch.testing.assert_close(other.log_probs[row], batch.log_probs[3], rtol=0, atol=atol_logp)
         assert (other.images[row].int() - batch.images[3].int()).abs().max() <= 1
+    # the tolerance still catches a batch-dependence bug: another seed, or another prompt with the
+    # same seed (a mixed-up row), lands orders of magnitude outside it
     reseeded = policy.sample([PROMPTS[1]], k=1, seeds=[14])
-    assert (reseeded.latents[0] - batch.latents[3]).abs().max() > 0.1
+    assert (reseeded.latents[0] - batch.latents[3]).abs().max() > 100 * atol_x
+    assert (reseeded.log_probs[0] - batch.log_probs[3]).abs().max() > 10 * atol_logp
+    other_prompt = policy.sample([PROMPTS[0]], k=1, seeds=[13])
+    assert (other_prompt.latents[0] - batch.latents[3]).abs().max() > 10 * atol_x
 
 
 def test_default_seeds_come_from_the_seed_stream():
@@ -98,7 +114,10 @@ def test_classifier_free_guidance_combines_conditional_and_empty_prompt(policy, 
         eps_c = policy.unet(x_t, t, encoder_hidden_states=cond).sample
         eps_u = policy.unet(x_t, t, encoder_hidden_states=uncond).sample
         guided = policy.guided_output(x_t, t, cond, uncond)
-    torch.testing.assert_close(guided, eps_u + 3.0 * (eps_c - eps_u), rtol=0, atol=1e-5)
+    # one forward of 2B rows against two of B: rounding only, (1 + 2w) * sqrt(L n) u at the output's scale
+    atol = (1 + 2 * 3.0) * network_rel_error(policy.unet) * float(guided.pow(2).mean().sqrt())
+    torch.testing.assert_close(guided, eps_u + 3.0 * (eps_c - eps_u), rtol=0, atol=atol)
+    assert (eps_c - eps_u).abs().max() > 100 * atol  # the prompt matters far beyond that
 
     no_cfg = make_policy(guidance_scale=1.0)
     batch_sizes = []
@@ -271,4 +290,7 @@ def test_tiny_stack_saves_and_loads_in_diffusers_layout(tmp_path, policy, batch)
     again = DiffusionPolicy(tiny_sd_components(), num_steps=T, guidance_scale=3.0)
     again.unet, again.text_encoder, again.vae = loaded.unet, loaded.text_encoder.eval(), loaded.vae
     reloaded = again.sample([PROMPTS[1]], k=1, seeds=[13])
-    torch.testing.assert_close(reloaded.latents[0], batch.latents[3], rtol=0, atol=1e-5)
+    # batch of 1 against row 3 of a batch of 6: equal up to rounding (tests/numerics.py)
+    atol_x, _ = _batch_tolerances(policy, batch.select([3]))
+    torch.testing.assert_close(reloaded.latents[0], batch.latents[3], rtol=0, atol=atol_x)
+    assert (reloaded.latents[0] - batch.latents[2]).abs().max() > 100 * atol_x
