@@ -117,8 +117,8 @@ def bench_learner(repeats: int) -> dict:
 
     from loop_ray.config import load_config
     from loop_ray.diffusion.models import build_policy
-    from loop_ray.system.deepspeed_engine import build_engine
-    from loop_ray.system.update import grad_accum_steps, train_steps_per_sample, update_on_shard
+    from loop_ray.system.engines.deepspeed_engine import build_engine
+    from loop_ray.system.engines.update import grad_accum_steps, train_steps_per_sample, update_on_shard
 
     cfg = load_config("configs/toy.yaml", ["learner.num_workers=1", "sampling.prompts_per_iteration=4",
                                            "learner.minibatch_size=8", "learner.minibatches_per_step=2",
@@ -159,7 +159,7 @@ def bench_learner(repeats: int) -> dict:
 def bench_weights(repeats: int, sd2: bool) -> dict:
     import ray
 
-    from loop_ray.system.weights import ObjectStoreWeightSync, state_dict_bytes
+    from loop_ray.system.roles.weights import ObjectStoreWeightSync, state_dict_bytes
     from loop_ray.toy.model import load_toy_components
 
     started = not ray.is_initialized()
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     if "learner" in args.only:
         report["learner"] = bench_learner(args.repeats)
     if "end_to_end" in args.only:
-        from loop_ray.system.bench_e2e import bench_end_to_end
+        from loop_ray.bench_e2e import bench_end_to_end
 
         e2e, memory = bench_end_to_end(args.repeats)
         report["end_to_end"] = e2e

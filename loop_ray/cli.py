@@ -6,7 +6,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("loop_ray.system.driver", "train LOOP (or another preset) with the Ray actor-learner system"),
+    "train": ("loop_ray.system.run.driver", "train LOOP (or another preset) with the Ray actor-learner system"),
     "eval": ("loop_ray.evaluate", "mean reward per prompt category on held-out prompts, with an image grid"),
     "sample": ("loop_ray.evaluate", "sample images for prompts into a grid PNG (eval's sampling path)"),
     "pretrain-toy": ("loop_ray.toy.pretrain", "pre-train the embedded world's small text-to-image model"),

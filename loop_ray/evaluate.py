@@ -6,7 +6,8 @@ Library pieces (the driver calls them too):
   write_eval_json(result, path)        the result without its image array
   save_grid(images, prompts, path)     one row of images per prompt, the prompt written beside it
 Image j of prompt i (i its index in the prompt source) uses the seed
-seed * 1_000_003 + i * images_per_prompt + j, the same seeds as the training driver's evaluation.
+seed * 1_000_003 + i * images_per_prompt + j (loop_ray.heldout), the same seeds as the training
+driver's evaluation.
 """
 
 from __future__ import annotations
@@ -20,13 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-SEED_STRIDE = 1_000_003
-
-
-def eval_seeds(seed: int, prompt_indices: Sequence[int], images_per_prompt: int) -> list[int]:
-    """Per-image seeds: seed * SEED_STRIDE + i * images_per_prompt + j for prompt index i, image j."""
-    k = images_per_prompt
-    return [seed * SEED_STRIDE + i * k + j for i in prompt_indices for j in range(k)]
+from loop_ray.heldout import eval_prompt_indices, eval_seeds
 
 
 def _score(reward, images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -224,7 +219,6 @@ def main_eval(argv: list[str] | None = None) -> int:
     """`loop-ray eval`: per-category held-out reward table, eval.json and grid.png in --out."""
     from loop_ray.prompts import load_prompts
     from loop_ray.rewards.composite import CompositeReward
-    from loop_ray.system.plan import plan_eval
 
     p = argparse.ArgumentParser(prog="loop-ray eval", description=main_eval.__doc__)
     _common_args(p)
@@ -238,10 +232,10 @@ def main_eval(argv: list[str] | None = None) -> int:
     cfg, policy = _load(args, "loop-ray eval")
     reward = CompositeReward.from_config(cfg.reward)
     prompt_set = load_prompts(cfg.prompts.val)
-    plan = plan_eval(cfg, prompt_set)  # the driver's choice of prompts (eval.max_prompts) and seeds
+    indices = eval_prompt_indices(cfg, prompt_set)  # the driver's choice of prompts (eval.max_prompts)
     result = evaluate_policy(
         policy, reward, prompt_set, cfg.eval.images_per_prompt, cfg.eval.seed, cfg.eval.batch_size,
-        prompt_indices=plan.prompt_ids, progress=not args.no_progress,
+        prompt_indices=indices, progress=not args.no_progress,
     )
     out = Path(args.out) if args.out else Path(cfg.output_dir) / cfg.name / "eval"
     model = cfg.model.path or f"({cfg.model.kind} default)"

@@ -1,7 +1,7 @@
 """One process, no Ray: the same iteration as the actor-learner system, piece for piece.
 
-plan (loop_ray.system.plan) -> policy.sample -> reward -> advantages per group of K
-(loop_ray.algorithms) -> update_on_shard (loop_ray.system.update) over a TorchEngine. It is what
+plan (loop_ray.system.run.plan) -> policy.sample -> reward -> advantages per group of K
+(loop_ray.algorithms) -> update_on_shard (loop_ray.system.engines.update) over a TorchEngine. It is what
 the study runs many of side by side on one device, and the no-Ray baseline of the benchmarks; the
 Ray system is the thing to use for anything bigger than one device. As in the Ray system, a group
 with an invalid reward (NaN, inf, a wrong shape, an error) is rejected as a whole, and an iteration
@@ -24,9 +24,9 @@ from loop_ray.evaluate import evaluate_policy
 from loop_ray.prompts import load_prompts
 from loop_ray.rewards.checks import InvalidRewardsError, describe_problems
 from loop_ray.rewards.composite import CompositeReward
-from loop_ray.system.plan import plan_iteration
-from loop_ray.system.torch_engine import TorchEngine
-from loop_ray.system.update import grad_accum_steps, update_on_shard
+from loop_ray.system.engines.torch_engine import TorchEngine
+from loop_ray.system.engines.update import grad_accum_steps, update_on_shard
+from loop_ray.system.run.plan import plan_iteration
 
 log = logging.getLogger(__name__)
 

@@ -7,14 +7,20 @@ import logging
 import pytest
 
 from loop_ray.config import ConfigError, ExperimentConfig
-from loop_ray.system.checkpoint import (
+from loop_ray.system.run.checkpoint import (
     CheckpointError,
     checkpoint_name,
     latest_good_checkpoint,
     save_checkpoint,
     verify_checkpoint,
 )
-from loop_ray.system.resume import auto_resume_point, capture_rng, check_resumable, restore_rng, resume_point
+from loop_ray.system.run.resume import (
+    auto_resume_point,
+    capture_rng,
+    check_resumable,
+    restore_rng,
+    resume_point,
+)
 
 
 class FakeLearner:

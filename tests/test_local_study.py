@@ -5,7 +5,7 @@ import json
 import torch
 
 from loop_ray.config import config_from_dict
-from loop_ray.system.torch_engine import TorchEngine
+from loop_ray.system.engines.torch_engine import TorchEngine
 
 torch.set_num_threads(1)
 

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from loop_ray.system.buffer import TrajectoryBuffer
+from loop_ray.system.roles.buffer import TrajectoryBuffer
 
 
 class Ref:  # stands in for an ObjectRef: the buffer only stores and hands references back

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from loop_ray.config import ConfigError, load_config
-from loop_ray.system.driver import main, train
+from loop_ray.system.run.driver import main, train
 
 pytestmark = pytest.mark.slow
 
@@ -116,7 +116,7 @@ def test_invalid_rewards_reject_their_groups_and_the_run_goes_on(ray_session, tm
     """A user's reward, given by import path, returns NaN or inf for some prompts: those groups
     are counted and never learned from; evaluation leaves their images out of the mean."""
     from loop_ray.prompts import load_prompts
-    from loop_ray.system.plan import plan_eval, plan_iteration
+    from loop_ray.system.run.plan import plan_eval, plan_iteration
 
     cfg = load_config("configs/debug.yaml", {"output_dir": str(tmp_path), **TINY})
     train_set, val_set = load_prompts(cfg.prompts.train), load_prompts(cfg.prompts.val)

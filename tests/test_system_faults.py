@@ -9,9 +9,9 @@ import ray
 
 from loop_ray.config import load_config
 from loop_ray.prompts import load_prompts
-from loop_ray.system.driver import Trainer
-from loop_ray.system.launch import System
-from loop_ray.system.run_dir import RunDir
+from loop_ray.system.launch.launch import System
+from loop_ray.system.run.driver import Trainer
+from loop_ray.system.run.run_dir import RunDir
 
 pytestmark = pytest.mark.slow
 

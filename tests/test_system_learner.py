@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from loop_ray.config import load_config
-from loop_ray.system.buffer import TrajectoryBuffer
-from loop_ray.system.learner import LearnerGroup
+from loop_ray.system.roles.buffer import TrajectoryBuffer
+from loop_ray.system.roles.learner import LearnerGroup
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +82,7 @@ def test_tiny_clip_range_clips_after_the_first_step_and_bounds_the_ratio(fixed_b
 
 
 def test_published_weights_reach_a_sampler(fixed_batch, ray_session):
-    from loop_ray.system.sampler import RemoteSampler
+    from loop_ray.system.roles.sampler import RemoteSampler
 
     cfg = _cfg()
     group = LearnerGroup(cfg)

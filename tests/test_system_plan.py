@@ -4,7 +4,7 @@ import pytest
 
 from loop_ray.config import config_from_dict
 from loop_ray.prompts import PromptSet
-from loop_ray.system.plan import plan_eval, plan_iteration
+from loop_ray.system.run.plan import plan_eval, plan_iteration
 
 
 def _cfg(**over):

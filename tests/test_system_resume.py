@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from loop_ray.config import load_config
-from loop_ray.system.driver import main, train
-from loop_ray.system.learner import state_digest
+from loop_ray.system.roles.learner import state_digest
+from loop_ray.system.run.driver import main, train
 
 pytestmark = pytest.mark.slow
 

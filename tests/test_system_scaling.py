@@ -6,7 +6,7 @@ import json
 import pytest
 
 from loop_ray.config import load_config
-from loop_ray.system.driver import train
+from loop_ray.system.run.driver import train
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from loop_ray.system.buffer import LearnBatch
-from loop_ray.system.rollout import RolloutResult
-from loop_ray.system.weights import PublishedWeights
+from loop_ray.system.roles.buffer import LearnBatch
+from loop_ray.system.roles.weights import PublishedWeights
+from loop_ray.system.run.rollout import RolloutResult
 
 _MEAN_KEYS = ("loss", "clip_fraction", "approx_kl", "ratio_mean", "grad_norm", "last_clip_fraction")
 

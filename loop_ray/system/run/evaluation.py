@@ -16,8 +16,8 @@ import numpy as np
 from loop_ray.config import ExperimentConfig
 from loop_ray.evaluate import finite_mean
 from loop_ray.rewards.checks import describe_problems
-from loop_ray.system.plan import Plan
-from loop_ray.system.rollout import collect, dispatch, fetch_images
+from loop_ray.system.run.plan import Plan
+from loop_ray.system.run.rollout import collect, dispatch, fetch_images
 
 log = logging.getLogger(__name__)
 

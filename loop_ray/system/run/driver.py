@@ -28,13 +28,13 @@ from loop_ray.algorithms import StatTracker
 from loop_ray.config import ConfigError, ExperimentConfig, load_config
 from loop_ray.prompts import PromptSet
 from loop_ray.rewards.checks import InvalidRewardsError, describe_problems
-from loop_ray.system import cluster
-from loop_ray.system.buffer import TrajectoryBuffer
-from loop_ray.system.checkpoint import CheckpointError, save_checkpoint
-from loop_ray.system.evaluation import EvalResult, comparison_table, evaluate
-from loop_ray.system.metrics import iteration_record
-from loop_ray.system.plan import plan_eval, plan_iteration
-from loop_ray.system.resume import (
+from loop_ray.system.launch import cluster
+from loop_ray.system.roles.buffer import TrajectoryBuffer
+from loop_ray.system.run.checkpoint import CheckpointError, save_checkpoint
+from loop_ray.system.run.evaluation import EvalResult, comparison_table, evaluate
+from loop_ray.system.run.metrics import iteration_record
+from loop_ray.system.run.plan import plan_eval, plan_iteration
+from loop_ray.system.run.resume import (
     ResumePoint,
     auto_resume_point,
     capture_rng,
@@ -42,9 +42,9 @@ from loop_ray.system.resume import (
     restore_rng,
     resume_point,
 )
-from loop_ray.system.rollout import collect, dispatch
-from loop_ray.system.run_dir import RunDir
-from loop_ray.system.validate import validate_inputs
+from loop_ray.system.run.rollout import collect, dispatch
+from loop_ray.system.run.run_dir import RunDir
+from loop_ray.system.run.validate import validate_inputs
 from loop_ray.utils import pin_threads
 
 log = logging.getLogger("loop_ray.driver")
@@ -220,7 +220,7 @@ def train(cfg: ExperimentConfig, address: str | None = None, resume: ResumePoint
     system = None
     run = None
     try:
-        from loop_ray.system.launch import System
+        from loop_ray.system.launch.launch import System
 
         system = System.start(cfg)
         if resume is None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from loop_ray.config import ExperimentConfig
+from loop_ray.heldout import eval_prompt_indices, eval_seeds
 from loop_ray.prompts import PromptSet
 
 _SEED_HIGH = 2**62
@@ -75,23 +76,8 @@ def plan_iteration(cfg: ExperimentConfig, prompt_set: PromptSet, iteration: int)
 
 def plan_eval(cfg: ExperimentConfig, prompt_set: PromptSet) -> Plan:
     """All held-out prompts, or `eval.max_prompts` of them taken from the categories in turn (a
-    fixed draw within each category); `eval.images_per_prompt` fixed seeds each."""
-    n = len(prompt_set)
-    idx = list(range(n))
-    if cfg.eval.max_prompts is not None and cfg.eval.max_prompts < n:
-        rng = np.random.default_rng(cfg.eval.seed)
-        by_category: dict[str, list[int]] = {}
-        for i, c in enumerate(prompt_set.categories):
-            by_category.setdefault(c, []).append(i)
-        queues = [list(rng.permutation(v)) for v in by_category.values()]
-        idx = []
-        while len(idx) < cfg.eval.max_prompts:
-            for q in queues:
-                if q and len(idx) < cfg.eval.max_prompts:
-                    idx.append(int(q.pop(0)))
-        idx.sort()
-    from loop_ray.evaluate import eval_seeds
-
+    fixed draw within each category); `eval.images_per_prompt` fixed seeds each (loop_ray.heldout)."""
+    idx = eval_prompt_indices(cfg, prompt_set)
     k = cfg.eval.images_per_prompt
     seeds = eval_seeds(cfg.eval.seed, idx, k)
     return Plan(

@@ -38,10 +38,10 @@ def _actor_peak_rss(actor) -> float:
 def bench_end_to_end(repeats: int) -> tuple[dict, dict]:
     from loop_ray.local import LocalRun
     from loop_ray.prompts import load_prompts
-    from loop_ray.system import cluster
-    from loop_ray.system.driver import Trainer
-    from loop_ray.system.launch import System
-    from loop_ray.system.run_dir import RunDir
+    from loop_ray.system.launch import cluster
+    from loop_ray.system.launch.launch import System
+    from loop_ray.system.run.driver import Trainer
+    from loop_ray.system.run.run_dir import RunDir
 
     iterations = repeats + 1
     common = [f"iterations={iterations}", "sampling.prompts_per_iteration=4", "learner.num_workers=1",

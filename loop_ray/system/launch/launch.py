@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import ray
 
 from loop_ray.config import ConfigError, ExperimentConfig
-from loop_ray.system.actors import ActorSet
-from loop_ray.system.cluster import actor_options, role_resources
-from loop_ray.system.learner import LearnerGroup
-from loop_ray.system.reward_server import RemoteRewardActor, RewardPool
-from loop_ray.system.sampler import RemoteSampler
+from loop_ray.system.launch.cluster import actor_options, role_resources
+from loop_ray.system.roles.actors import ActorSet
+from loop_ray.system.roles.learner import LearnerGroup
+from loop_ray.system.roles.reward_server import RemoteRewardActor, RewardPool
+from loop_ray.system.roles.sampler import RemoteSampler
 
 
 def check_capacity(cfg: ExperimentConfig) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from loop_ray.algorithms import policy_loss
 from loop_ray.config import ExperimentConfig
-from loop_ray.system.deepspeed_engine import engine_grad_norm, held_grad_norm
+from loop_ray.system.engines.deepspeed_engine import engine_grad_norm, held_grad_norm
 from loop_ray.trajectory import TrajectoryBatch
 
 

@@ -5,7 +5,7 @@ plan and returns (trajectories, stats, image chunks...); each chunk's ref goes s
 reward actor. `collect` waits for the small results (stats, rewards) and, for training, records
 each batch's ref and its rewards in the buffer. A sampler call that fails (its actor lost) is sent
 again with the same prompts and seeds, a reward call again with the same image chunk, to a
-restarted or replacement actor (`loop_ray.system.actors`); only a call that fails every retry is
+restarted or replacement actor (`loop_ray.system.roles.actors`); only a call that fails every retry is
 left out, and the buffer then never uses the groups it touched.
 """
 
@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
-from loop_ray.system.actors import ActorSet
-from loop_ray.system.buffer import TrajectoryBuffer
-from loop_ray.system.plan import Plan, SamplerJob
-from loop_ray.system.reward_server import RewardPool
-from loop_ray.system.sampler import chunk_bounds
-from loop_ray.system.weights import PublishedWeights
+from loop_ray.system.roles.actors import ActorSet
+from loop_ray.system.roles.buffer import TrajectoryBuffer
+from loop_ray.system.roles.reward_server import RewardPool
+from loop_ray.system.roles.sampler import chunk_bounds
+from loop_ray.system.roles.weights import PublishedWeights
+from loop_ray.system.run.plan import Plan, SamplerJob
 
 log = logging.getLogger(__name__)
 

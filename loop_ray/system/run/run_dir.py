@@ -5,7 +5,7 @@
   tensorboard/       TensorBoard events of the scalar metrics
   eval/              image grids of each evaluation
   reward.png         train and eval reward against images seen
-  checkpoints/       see loop_ray.system.checkpoint
+  checkpoints/       see loop_ray.system.run.checkpoint
 """
 
 from __future__ import annotations

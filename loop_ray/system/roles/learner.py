@@ -21,9 +21,9 @@ import ray
 import torch
 
 from loop_ray.config import ExperimentConfig
-from loop_ray.system.cluster import actor_options, role_resources
-from loop_ray.system.update import grad_accum_steps, update_on_shard
-from loop_ray.system.weights import ObjectStoreWeightSync, PublishedWeights
+from loop_ray.system.engines.update import grad_accum_steps, update_on_shard
+from loop_ray.system.launch.cluster import actor_options, role_resources
+from loop_ray.system.roles.weights import ObjectStoreWeightSync, PublishedWeights
 from loop_ray.trajectory import TrajectoryBatch
 from loop_ray.utils import pin_threads
 
@@ -70,7 +70,7 @@ class LearnerWorker:
             world_size=self.world_size, timeout=timedelta(minutes=10),
         )
         from loop_ray.diffusion.models import build_policy
-        from loop_ray.system.deepspeed_engine import build_engine
+        from loop_ray.system.engines.deepspeed_engine import build_engine
 
         self.policy = build_policy(self.cfg, "cuda" if self.use_gpu else "cpu")
         num_trainable = len(self.policy.trainable_steps(self.cfg.algorithm.skip_first_steps, self.cfg.algorithm.skip_last_steps))

@@ -16,7 +16,7 @@ import ray
 import torch
 
 from loop_ray.config import ExperimentConfig
-from loop_ray.system.weights import ObjectStoreWeightSync, PublishedWeights
+from loop_ray.system.roles.weights import ObjectStoreWeightSync, PublishedWeights
 from loop_ray.trajectory import TrajectoryBatch
 from loop_ray.utils import pin_threads
 
@@ -119,7 +119,7 @@ class SamplerActor:
 
     def weights_digest(self) -> str:
         """Hash of this sampler's trainable weights (equal to the learner's once a version is loaded)."""
-        from loop_ray.system.learner import state_digest
+        from loop_ray.system.roles.learner import state_digest
 
         return state_digest(self.policy.trainable_state_dict())
 
