@@ -13,8 +13,8 @@ from loop_ray.diffusion.models import tiny_sd_components
 from loop_ray.diffusion.policy import DiffusionPolicy
 from loop_ray.diffusion.trainable import select_trainable
 from loop_ray.diffusion.windows import stochastic_steps
-from loop_ray.system.engines.update import update_on_shard
 from loop_ray.system.engines.torch_engine import TorchEngine
+from loop_ray.system.engines.update import update_on_shard
 
 torch.set_num_threads(1)
 
