@@ -1,6 +1,8 @@
-"""`loop-ray bench` / `make bench`: speed and memory as ratios against baselines run side by side.
+"""`loop-ray bench` / `make bench`: speed and memory against baselines run side by side.
 
-Each figure is the median of `--repeats` timed runs after a warm-up, with its spread (min-max):
+Every ratio is a throughput ratio, loop-ray's rate over the baseline's (the baseline's time over
+ours for the same work): above 1 loop-ray is faster, below 1 slower. Each figure is the median of
+`--repeats` timed runs after a warm-up, with its spread (min-max):
   sampler      loop-ray's policy sampling (log-probs and every latent stored) against diffusers' own
                sampling on the same weights, steps, batch and guidance: StableDiffusionPipeline for
                the tiny SD-shaped stack; for the pixel-space embedded model, which has no diffusers
@@ -42,9 +44,12 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
 
 
-def ratio(a: dict, b: dict) -> dict:
-    """a/b of two `timed` results: the median ratio and the spread from the extremes."""
-    return {"median": a["median_s"] / b["median_s"], "low": a["min_s"] / b["max_s"], "high": a["max_s"] / b["min_s"]}
+def throughput_ratio(ours: dict, baseline: dict) -> dict:
+    """The throughput of `ours` over that of `baseline` (two `timed` results of the same work, so
+    the baseline's time over ours; higher is faster): the median ratio and the spread from the
+    extremes."""
+    return {"median": baseline["median_s"] / ours["median_s"], "low": baseline["min_s"] / ours["max_s"],
+            "high": baseline["max_s"] / ours["min_s"]}
 
 
 def peak_rss_mb() -> float:
@@ -91,7 +96,7 @@ def bench_sampler(repeats: int, batch: int, steps: int, guidance: float) -> dict
     seeds = list(range(batch))
     ours = timed(lambda: policy.sample(prompts, 1, seeds, batch_size=batch), repeats)
     ref = timed(lambda: _diffusers_loop(comps, prompts, steps, guidance, 0), repeats)
-    out["embedded"] = {"loop_ray": ours, "diffusers_loop": ref, "ratio": ratio(ours, ref),
+    out["embedded"] = {"loop_ray": ours, "diffusers_loop": ref, "throughput_ratio": throughput_ratio(ours, ref),
                        "images_per_s": batch / ours["median_s"], "batch": batch, "steps": steps}
     # the tiny SD-shaped stack (latent space, VAE decode)
     comps = tiny_sd_components(0)
@@ -105,7 +110,7 @@ def bench_sampler(repeats: int, batch: int, steps: int, guidance: float) -> dict
     ours = timed(lambda: policy.sample(prompts, 1, seeds, batch_size=batch), repeats)
     ref = timed(lambda: pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, eta=1.0, height=size,
                              width=size, generator=torch.Generator().manual_seed(0), output_type="np"), repeats)
-    out["tiny_sd"] = {"loop_ray": ours, "diffusers_pipeline": ref, "ratio": ratio(ours, ref),
+    out["tiny_sd"] = {"loop_ray": ours, "diffusers_pipeline": ref, "throughput_ratio": throughput_ratio(ours, ref),
                       "images_per_s": batch / ours["median_s"], "batch": batch, "steps": steps}
     return out
 
@@ -151,7 +156,7 @@ def bench_learner(repeats: int) -> dict:
         unet.zero_grad(set_to_none=True)
 
     base = timed(bare, repeats)
-    return {"phase": phase, "bare_forward_backward": base, "ratio": ratio(phase, base),
+    return {"phase": phase, "bare_forward_backward": base, "throughput_ratio": throughput_ratio(phase, base),
             "samples": len(batch), "steps_per_sample": n_steps}
 
 
@@ -190,19 +195,20 @@ def bench_weights(repeats: int, sd2: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------ report
 def markdown(report: dict) -> str:
-    lines = [f"# loop-ray bench ({report['hardware']})", "", "| what | ours | baseline | ratio (median, range) |",
-             "|---|---|---|---|"]
+    lines = [f"# loop-ray bench ({report['hardware']})", "",
+             "Throughput ratio: ours over the baseline's (the baseline's time ÷ ours); above 1 is faster.", "",
+             "| what | ours | baseline | throughput ratio (median, range) |", "|---|---|---|---|"]
     for name, s in report.get("sampler", {}).items():
         base_key = "diffusers_pipeline" if "diffusers_pipeline" in s else "diffusers_loop"
-        r = s["ratio"]
+        r = s["throughput_ratio"]
         lines.append(f"| sampler, {name} (batch {s['batch']}, {s['steps']} steps) | {s['loop_ray']['median_s']:.3f} s | "
                      f"{s[base_key]['median_s']:.3f} s ({base_key}) | {r['median']:.2f} ({r['low']:.2f}–{r['high']:.2f}) |")
     if "learner" in report:
-        s, r = report["learner"], report["learner"]["ratio"]
+        s, r = report["learner"], report["learner"]["throughput_ratio"]
         lines.append(f"| learner phase ({s['samples']} samples × {s['steps_per_sample']} steps) | {s['phase']['median_s']:.3f} s | "
                      f"{s['bare_forward_backward']['median_s']:.3f} s (bare fwd+bwd) | {r['median']:.2f} ({r['low']:.2f}–{r['high']:.2f}) |")
     for mode, s in report.get("end_to_end", {}).items():
-        r = s["ratio"]
+        r = s["throughput_ratio"]
         lines.append(f"| one iteration, Ray {mode} | {s['ray']['median_s']:.2f} s | {s['local']['median_s']:.2f} s (one process) | "
                      f"{r['median']:.2f} ({r['low']:.2f}–{r['high']:.2f}) |")
     for name, s in report.get("weights", {}).items():
@@ -235,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         from loop_ray.bench_e2e import bench_end_to_end
 
         e2e, memory = bench_end_to_end(args.repeats)
-        report["end_to_end"] = e2e
+        report["end_to_end"] = {mode: {**s, "throughput_ratio": throughput_ratio(s["ray"], s["local"])}
+                                for mode, s in e2e.items()}
         report["memory_peak_rss_mb"] = {"driver/bench process": peak_rss_mb(), **memory}
     if "weights" in args.only:
         report["weights"] = bench_weights(args.repeats, not args.no_sd2)

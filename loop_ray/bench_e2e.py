@@ -70,9 +70,7 @@ def bench_end_to_end(repeats: int) -> tuple[dict, dict]:
                 times = [r["iteration_seconds"] for r in result.records if r.get("kind") != "eval"
                          and "iteration_seconds" in r][1:]
                 ray_t = _summary(times)
-                out[mode] = {"ray": ray_t, "local": local,
-                             "ratio": {"median": ray_t["median_s"] / local["median_s"],
-                                       "low": ray_t["min_s"] / local["max_s"], "high": ray_t["max_s"] / local["min_s"]}}
+                out[mode] = {"ray": ray_t, "local": local}  # loop_ray.bench adds the throughput ratio
                 if mode == "sync":
                     memory["sampler"] = max(_actor_peak_rss(a) for a in system.samplers)
                     memory["reward"] = max(_actor_peak_rss(a) for a in system.reward_pool.actors)

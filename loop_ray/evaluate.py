@@ -5,6 +5,7 @@ Library pieces (the driver calls them too):
   format_table(result) -> str          per-category table
   write_eval_json(result, path)        the result without its image array
   save_grid(images, prompts, path)     one row of images per prompt, the prompt written beside it
+  save_eval_grid(...)                  an evaluation's grid: prompts from the categories in turn
 Image j of prompt i (i its index in the prompt source) uses the seed
 seed * 1_000_003 + i * images_per_prompt + j (loop_ray.heldout), the same seeds as the training
 driver's evaluation.
@@ -16,7 +17,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -186,6 +187,32 @@ def grid_rows(categories: Sequence[str], n: int) -> list[int]:
     return sorted(picked)
 
 
+GRID_IMAGES = 8  # images per prompt in an evaluation grid
+
+
+def save_eval_grid(
+    path: str | Path,
+    prompts: Sequence[str],
+    categories: Sequence[str],
+    rewards: np.ndarray,
+    num_prompts: int,
+    images: Callable[[list[int], int], np.ndarray | None],
+) -> Path | None:
+    """An evaluation's grid (both `loop-ray eval` and the training driver's): up to `num_prompts`
+    prompts taken from the categories in turn (`grid_rows`), the first GRID_IMAGES images of each
+    with their rewards (`rewards` [P, K]). `images(rows, n)` gives the first n images of each of those
+    prompts, uint8 [len(rows), n, H, W, 3], or None when they cannot be had; then no grid is drawn
+    and None returned."""
+    rows = grid_rows(categories, num_prompts)
+    rewards = np.asarray(rewards)
+    per_row = min(rewards.shape[1], GRID_IMAGES)
+    picked = images(rows, per_row)
+    if picked is None:
+        return None
+    return save_grid(picked, [prompts[r] for r in rows], path, rewards=rewards[rows, :per_row],
+                     max_prompts=len(rows), max_images=per_row)
+
+
 # ------------------------------------------------------------------------------------------ CLI
 
 
@@ -241,9 +268,9 @@ def main_eval(argv: list[str] | None = None) -> int:
     model = cfg.model.path or f"({cfg.model.kind} default)"
     print(f"model {model}, {cfg.sampling.num_steps} steps, guidance {cfg.sampling.guidance_scale}, eta {cfg.sampling.eta}")
     print(format_table(result))
-    rows = grid_rows([r["category"] for r in result["per_prompt"]], cfg.eval.grid_prompts or 8)
-    grid = save_grid(result["images"][rows], [result["per_prompt"][i]["prompt"] for i in rows], out / "grid.png",
-                     rewards=result["rewards"][rows], max_prompts=len(rows))
+    per_prompt = result["per_prompt"]
+    grid = save_eval_grid(out / "grid.png", [r["prompt"] for r in per_prompt], [r["category"] for r in per_prompt],
+                          result["rewards"], cfg.eval.grid_prompts or 8, lambda rows, n: result["images"][rows, :n])
     settings = {"model": model, "sampling": cfg.sampling.model_dump(), "reward": cfg.reward.model_dump()}
     path = write_eval_json(result, out / "eval.json", extra={"settings": settings})
     print(f"wrote {path} and {grid} ({result['seconds']:.0f} s)")

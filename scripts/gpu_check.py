@@ -12,7 +12,8 @@ measures, on the same weights, steps, batch and guidance scale:
     timestep, gradients accumulated) + gradient clipping + AdamW step of the full UNet, under bf16
     autocast.
 
-It prints one JSON object. `--tiny` runs the same code on a tiny random SD-shaped stack (seconds on
+It prints one JSON object. `loop_ray_over_diffusers` is a throughput ratio, loop-ray's images/s
+over diffusers' (above 1 loop-ray is faster), the convention `make bench` uses too. `--tiny` runs the same code on a tiny random SD-shaped stack (seconds on
 a CPU) to check that the script works.
 
     python scripts/gpu_check.py            # on a GPU machine

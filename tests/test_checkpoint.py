@@ -7,6 +7,8 @@ import logging
 import pytest
 
 from loop_ray.config import ConfigError, ExperimentConfig
+from loop_ray.filehash import hash_file, write_bytes_hashed, write_hashed
+from loop_ray.system.run import checkpoint
 from loop_ray.system.run.checkpoint import (
     CheckpointError,
     checkpoint_name,
@@ -24,22 +26,57 @@ from loop_ray.system.run.resume import (
 
 
 class FakeLearner:
-    """Writes what LearnerGroup.save_checkpoint writes, with recognisable bytes."""
+    """Writes what LearnerGroup.save_checkpoint writes, with recognisable bytes, and reports the
+    entries of the files it wrote, hashed as written; like DeepSpeed's `latest`, one file goes
+    unreported. `lie` reports a size the file does not have."""
 
-    def __init__(self, fail: bool = False):
-        self.fail = fail
+    def __init__(self, fail: bool = False, lie: bool = False):
+        self.fail, self.lie = fail, lie
 
     def save_checkpoint(self, folder, tag):
-        (folder / "trainable.pt").write_bytes(b"weights-" + tag.encode() * 100)
+        written = {"trainable.pt": write_bytes_hashed(folder / "trainable.pt", b"weights-" + tag.encode() * 100)}
         (folder / "deepspeed" / tag).mkdir(parents=True)
-        (folder / "deepspeed" / tag / "mp_rank_00_model_states.pt").write_bytes(b"optimizer" * 50)
+        states = f"deepspeed/{tag}/mp_rank_00_model_states.pt"
+        written[states] = write_bytes_hashed(folder / states, b"optimizer" * 50)
+        (folder / "deepspeed" / "latest").write_text(tag)
         if self.fail:
             raise RuntimeError("node lost while writing")
+        if self.lie:
+            written[states] = {**written[states], "bytes": 1}
+        return written
 
 
-def _save(root, it, keep_last=5, fail=False):
+def _save(root, it, keep_last=5, fail=False, lie=False):
     state = {"iteration": it, "version": it, "images_seen": 8 * it, "records": []}
-    return save_checkpoint(root, it, ExperimentConfig(), FakeLearner(fail), state, keep_last)
+    return save_checkpoint(root, it, ExperimentConfig(), FakeLearner(fail, lie), state, keep_last)
+
+
+def test_the_manifest_is_hashed_while_writing_not_read_back(tmp_path, monkeypatch):
+    read_back = []
+    monkeypatch.setattr(checkpoint, "hash_file", lambda p: read_back.append(p.name) or hash_file(p))
+    folder = _save(tmp_path, 1)
+    assert read_back == ["latest"]  # only the file nobody reported
+    files = json.loads((folder / "MANIFEST.json").read_text())["files"]
+    assert sorted(files) == ["config.yaml", "deepspeed/iter-000001/mp_rank_00_model_states.pt", "deepspeed/latest",
+                             "driver_state.json", "trainable.pt"]
+    assert files == {rel: hash_file(folder / rel) for rel in files}  # what a second read would give
+
+
+def test_a_reported_size_the_file_lacks_fails_the_save(tmp_path):
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt"):
+        _save(tmp_path, 1, lie=True)
+    assert not (tmp_path / checkpoint_name(1)).exists()
+
+
+def test_torch_save_through_the_hashing_stream_loads_and_matches_the_file(tmp_path):
+    import torch
+
+    state = {"w": torch.randn(64, 32), "step": torch.tensor(3)}
+    for zipfile in (True, False):  # DeepSpeed's torch checkpoint engine uses the legacy format by default
+        path = tmp_path / f"state-{zipfile}.pt"
+        entry = write_hashed(path, lambda f, z=zipfile: torch.save(state, f, _use_new_zipfile_serialization=z))
+        assert entry == hash_file(path)
+        assert torch.equal(torch.load(path)["w"], state["w"])
 
 
 def test_checkpoint_verifies_and_prunes_to_keep_last(tmp_path):

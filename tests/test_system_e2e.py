@@ -87,11 +87,9 @@ def test_async_mode_with_staleness_zero_is_sync_mode(ray_session, tmp_path):
     assert run("async") == run("sync")
 
 
-@pytest.mark.parametrize(
+@pytest.mark.parametrize(  # a missing prompt file and an unknown reward name: test_bad_input.py (the CLI)
     "override, message",
     [
-        ("prompts.train=/no/such/prompts.txt", "prompts.train"),
-        ("reward.terms.0.name=no_such_reward", "reward.terms.0.name"),
         ("reward.terms.0.name=faulty_rewards:no_such_reward", "reward.terms.0.name"),
         ("learner.zero_stage=3", "learner.zero_stage"),
         ("sampling.k=3", "learner.minibatch_size"),

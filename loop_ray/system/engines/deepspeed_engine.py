@@ -11,10 +11,14 @@ the optimizer at the accumulation boundary, after gradient clipping.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
 from loop_ray.config import ExperimentConfig
+from loop_ray.filehash import write_hashed
 
 _AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
@@ -75,3 +79,29 @@ def engine_grad_norm(engine, fallback: float | None) -> float | None:
     by its loss scale), else `fallback` (the norm `held_grad_norm` measured before the step)."""
     norm = engine.get_global_grad_norm()
     return fallback if norm is None else float(norm)
+
+
+@contextmanager
+def hashed_saves(engine, folder: str, written: dict[str, dict]) -> Iterator[None]:
+    """While active, the state files DeepSpeed writes through its (default, torch) checkpoint engine
+    are written through `write_hashed`: each one's size and SHA-256 land in `written` under its path
+    relative to `folder`, taken from the bytes as they were written. Files DeepSpeed writes another
+    way (its `latest` tag file, its recovery scripts; any file of another checkpoint engine) are not
+    recorded: whoever builds the manifest hashes those from disk."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    ckpt = engine.checkpoint_engine
+    if type(ckpt) is not TorchCheckpointEngine:
+        yield
+        return
+
+    def save(state_dict, path):  # TorchCheckpointEngine.save, through a hashing stream
+        written[os.path.relpath(path, folder).replace(os.sep, "/")] = write_hashed(
+            path, lambda f: torch.save(state_dict, f, _use_new_zipfile_serialization=ckpt.zipfile_serialization)
+        )
+
+    ckpt.save = save  # an instance attribute: shadows the method until removed
+    try:
+        yield
+    finally:
+        del ckpt.save

@@ -21,6 +21,8 @@ import ray
 import torch
 
 from loop_ray.config import ExperimentConfig
+from loop_ray.filehash import hash_file, write_hashed
+from loop_ray.system.engines.deepspeed_engine import hashed_saves
 from loop_ray.system.engines.update import grad_accum_steps, num_trainable_steps, update_on_shard
 from loop_ray.system.launch.cluster import actor_options, role_resources
 from loop_ray.system.roles.weights import ObjectStoreWeightSync, PublishedWeights
@@ -103,16 +105,26 @@ class LearnerWorker:
     def weights_digest(self) -> str:
         return state_digest(self.policy.trainable_state_dict())
 
-    def save_checkpoint(self, folder: str, tag: str) -> None:
+    def save_checkpoint(self, folder: str, tag: str) -> dict[str, dict]:
         """DeepSpeed's checkpoint (module, optimizer and its ZeRO partitions) under folder/deepspeed
-        (collective: every rank calls it); rank 0 also writes folder/trainable.pt."""
+        (collective: every rank calls it); rank 0 also writes folder/trainable.pt and folder/unet.
+        Returns the size and SHA-256 of each file this rank wrote (path relative to folder -> entry),
+        hashed as it was written; the diffusers UNet, which diffusers writes itself, is hashed here
+        right after, on the node that wrote it."""
         folder_path = Path(folder)
-        self.engine.save_checkpoint(str(folder_path / "deepspeed"), tag=tag)
+        written: dict[str, dict] = {}
+        with hashed_saves(self.engine, folder, written):
+            self.engine.save_checkpoint(str(folder_path / "deepspeed"), tag=tag)
         if self.rank == 0:
-            torch.save(self.policy.trainable_state_dict(), folder_path / "trainable.pt")
+            state = self.policy.trainable_state_dict()
+            written["trainable.pt"] = write_hashed(folder_path / "trainable.pt", lambda f: torch.save(state, f))
             from loop_ray.diffusion.stable_diffusion import plain_unet
 
             plain_unet(self.policy.unet).save_pretrained(folder_path / "unet")  # diffusers format
+            for p in sorted((folder_path / "unet").rglob("*")):
+                if p.is_file():
+                    written[p.relative_to(folder_path).as_posix()] = hash_file(p)
+        return written
 
     def load_checkpoint(self, folder: str, tag: str) -> str:
         """Restore module and optimizer state from a checkpoint (collective); returns the weights'
@@ -157,8 +169,12 @@ class LearnerGroup:
     def digests(self) -> list[str]:
         return ray.get([w.weights_digest.remote() for w in self.workers])
 
-    def save_checkpoint(self, folder: str | Path, tag: str) -> None:
-        ray.get([w.save_checkpoint.remote(str(folder), tag) for w in self.workers])
+    def save_checkpoint(self, folder: str | Path, tag: str) -> dict[str, dict]:
+        """Every rank's part of the checkpoint; returns the entries of all the files they wrote."""
+        written: dict[str, dict] = {}
+        for part in ray.get([w.save_checkpoint.remote(str(folder), tag) for w in self.workers]):
+            written.update(part)
+        return written
 
     def load_checkpoint(self, folder: str | Path, tag: str) -> list[str]:
         digests = ray.get([w.load_checkpoint.remote(str(folder), tag) for w in self.workers])

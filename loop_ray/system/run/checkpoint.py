@@ -2,6 +2,11 @@
 
 Everything goes into checkpoints/.tmp-iter-NNNNNN/; the last file written is MANIFEST.json (every
 other file's size and SHA-256), and only then is the folder renamed to checkpoints/iter-NNNNNN/.
+The hashes are taken while the files are written (loop_ray.filehash): the learner ranks report the
+files they wrote (DeepSpeed's state and trainable.pt hashed in the stream; the diffusers UNet, which
+diffusers writes by itself, hashed by rank 0 right after, on its node) and the driver hashes its own
+as it writes them, so the driver reads no weights back; it hashes from disk only what nobody
+reported (DeepSpeed's small `latest` and recovery scripts).
 A crash therefore never leaves a half checkpoint under a final name, and a final folder whose files
 no longer match its manifest (truncated, edited, partly deleted) is refused by `verify_checkpoint`
 with a message naming it; `latest_good_checkpoint` then falls back to the previous one. Layout:
@@ -20,13 +25,13 @@ must be a filesystem every learner node shares with the driver.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
 from pathlib import Path
 
-from loop_ray.config import ExperimentConfig, dump_config
+from loop_ray.config import ExperimentConfig, config_to_yaml
+from loop_ray.filehash import hash_file, write_bytes_hashed
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +46,26 @@ def checkpoint_name(iteration: int) -> str:
     return f"iter-{iteration:06d}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_manifest(folder: Path) -> dict:
+def write_manifest(folder: Path, written: dict[str, dict]) -> dict:
+    """MANIFEST.json for every file under `folder`: the entries in `written` (hashed while written),
+    and for a file not in it (one a library wrote by itself, e.g. DeepSpeed's `latest`) its entry
+    from disk. A written entry whose size no longer matches the file raises CheckpointError."""
     files = {}
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            files[p.relative_to(folder).as_posix()] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        if not p.is_file() or p.name == MANIFEST:
+            continue
+        rel = p.relative_to(folder).as_posix()
+        entry = written.get(rel)
+        if entry is None:
+            entry = hash_file(p)
+            log.debug("checkpoint %s: %s hashed from disk (%d bytes)", folder.name, rel, entry["bytes"])
+        elif entry["bytes"] != p.stat().st_size:
+            raise CheckpointError(f"checkpoint {folder}: {rel} has {p.stat().st_size} bytes, "
+                                  f"{entry['bytes']} were written (changed while saving?)")
+        files[rel] = entry
+    missing = sorted(set(written) - set(files))
+    if missing:
+        raise CheckpointError(f"checkpoint {folder}: written but not found: {', '.join(missing)}")
     manifest = {"files": files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -81,7 +93,7 @@ def verify_checkpoint(folder: Path) -> dict:
             raise CheckpointError(
                 f"checkpoint {folder}: {rel} has {p.stat().st_size} bytes, the manifest says {meta['bytes']} (truncated?)"
             )
-        if _sha256(p) != meta["sha256"]:
+        if hash_file(p)["sha256"] != meta["sha256"]:
             raise CheckpointError(f"checkpoint {folder}: {rel} does not match its SHA-256 in the manifest (corrupt)")
     return json.loads((folder / "driver_state.json").read_text())
 
@@ -95,10 +107,10 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    learner.save_checkpoint(tmp.resolve(), tag=name)
-    (tmp / "driver_state.json").write_text(json.dumps(driver_state))
-    dump_config(cfg, tmp / "config.yaml")
-    write_manifest(tmp)
+    written = dict(learner.save_checkpoint(tmp.resolve(), tag=name))
+    written["driver_state.json"] = write_bytes_hashed(tmp / "driver_state.json", json.dumps(driver_state).encode())
+    written["config.yaml"] = write_bytes_hashed(tmp / "config.yaml", config_to_yaml(cfg).encode())
+    write_manifest(tmp, written)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from loop_ray.config import ExperimentConfig
-from loop_ray.evaluate import finite_mean
+from loop_ray.evaluate import finite_mean, save_eval_grid
 from loop_ray.rewards.checks import describe_problems
 from loop_ray.system.run.plan import Plan
 from loop_ray.system.run.rollout import collect, dispatch, fetch_images
@@ -60,7 +60,8 @@ def evaluate(
     mean, by_category, by_term = summarise(plan, result.rewards, result.parts)
     grid = None
     if grid_path is not None and cfg.eval.grid_prompts > 0:
-        grid = _save_grid(rollout, plan, result.rewards, cfg.eval.grid_prompts, grid_path)
+        grid = save_eval_grid(grid_path, plan.prompts, plan.categories, result.rewards.reshape(len(plan.prompts), plan.k),
+                              cfg.eval.grid_prompts, lambda rows, n: _grid_images(rollout, plan.k, rows, n))
     load = max((s["weight_load_seconds"] for s in result.sampler_stats), default=0.0)
     if result.rejected_images:
         log.warning("evaluation at version %d: %d of %d images rejected for invalid rewards (left out): %s",
@@ -69,20 +70,14 @@ def evaluate(
                       result.rejected_images)
 
 
-def _save_grid(rollout, plan: Plan, rewards: np.ndarray, num_prompts: int, path: Path) -> Path | None:
-    """Up to 8 images of each of `num_prompts` prompts (taken from the categories in turn), with
-    their prompts and rewards (loop_ray.evaluate's grid)."""
-    from loop_ray.evaluate import grid_rows, save_grid
-
-    rows, per_row = grid_rows(plan.categories, num_prompts), min(plan.k, 8)
-    samples = [r * plan.k + j for r in rows for j in range(per_row)]
+def _grid_images(rollout, k: int, rows: list[int], n: int) -> np.ndarray | None:
+    """The first n images of each prompt in `rows`, fetched from the samplers; None when a call
+    failed (no grid rather than a misleading one)."""
+    samples = [r * k + j for r in rows for j in range(n)]
     images = fetch_images(rollout, samples)
-    if len(images) < len(samples):  # a failed call: no grid rather than a misleading one
+    if len(images) < len(samples):
         return None
-    grid = np.stack([images[s] for s in samples]).reshape(len(rows), per_row, *images[samples[0]].shape)
-    values = rewards.reshape(len(plan.prompts), plan.k)[rows, :per_row]
-    return save_grid(grid, [plan.prompts[r] for r in rows], path, rewards=values,
-                     max_prompts=len(rows), max_images=per_row)
+    return np.stack([images[s] for s in samples]).reshape(len(rows), n, *images[samples[0]].shape)
 
 
 def comparison_table(before: EvalResult, after: EvalResult) -> str:
