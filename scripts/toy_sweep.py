@@ -32,7 +32,9 @@ def _one(job: dict) -> dict:
     pin_threads(1)
     data = yaml.safe_load(Path(job["config"]).read_text())
     overrides = dict(job["overrides"])
-    control = overrides.pop("control", None)  # a diagnostic, not a config key: see --help
+    control = overrides.pop("control", None)  # shuffle: the config's algorithm.control; negate: see below
+    if control == "shuffle":
+        overrides["algorithm.control"], control = "shuffle", None
     cfg = config_from_dict(data, source=job["config"], overrides=overrides)
     start = time.perf_counter()
     run = LocalRun(cfg, device=job["device"])
@@ -52,10 +54,8 @@ def _one(job: dict) -> dict:
 
 
 def _apply_control(run, control: str, seed: int) -> None:
-    """Controls for the learning signal: train on the advantages `shuffle`d across the iteration's
-    samples (no information about which image was better, same magnitudes) or `negate`d. A run
-    with the true advantages that loses reward as fast as the shuffled control gets no usable
-    signal from its batch; one that loses it faster points at a sign error."""
+    """The `negate` control: train on negated advantages (a run that loses reward faster than its
+    shuffled control, `algorithm.control: shuffle`, points at a sign error)."""
     import torch
 
     sample_and_score = run.sample_and_score

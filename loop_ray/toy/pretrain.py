@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -59,6 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--device", default="cpu", help="torch device to train on (data are rendered on the CPU)")
     p.add_argument("--tiny", action="store_true", help="a tiny 16x16 model (tests)")
+    p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the spec's)")
+    p.add_argument("--channels", default=None, help="UNet block channels, comma-separated, e.g. 16,32,32")
+    p.add_argument("--norm-groups", type=int, default=None, help="GroupNorm groups (must divide every channel count)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "threads"):
@@ -129,11 +133,30 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p, 1.0 - decay)
 
 
+def model_spec(args: argparse.Namespace) -> ToyModelSpec:
+    """The model sizes: the tiny or default spec, with --image-size / --channels / --norm-groups on top."""
+    spec = TINY_SPEC if args.tiny else ToyModelSpec()
+    changes = {}
+    if getattr(args, "image_size", None):
+        changes["image_size"] = args.image_size
+    if getattr(args, "channels", None):
+        changes["channels"] = tuple(int(c) for c in str(args.channels).split(","))
+    if getattr(args, "norm_groups", None):
+        changes["norm_groups"] = args.norm_groups
+    spec = dataclasses.replace(spec, **changes)
+    if len(spec.channels) != len(spec.down_blocks) or any(c % spec.norm_groups for c in spec.channels):
+        raise SystemExit(
+            f"loop-ray pretrain-toy: --channels {spec.channels} needs {len(spec.down_blocks)} values, "
+            f"each divisible by --norm-groups {spec.norm_groups}"
+        )
+    return spec
+
+
 def train(args: argparse.Namespace) -> dict:
     """Run the pre-training described by `args`, save the EMA model to args.out, return its log."""
     pin_threads(args.threads)
     torch.manual_seed(args.seed)
-    spec = TINY_SPEC if args.tiny else ToyModelSpec()
+    spec = model_spec(args)
     comps = build_toy_components(spec, seed=args.seed)
     device = torch.device(args.device)
     unet, text_encoder = comps.unet.to(device).train(), comps.text_encoder.to(device).train()

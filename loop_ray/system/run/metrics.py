@@ -81,6 +81,7 @@ def iteration_record(
         rec["learner/grad_norm_max"] = max(m["grad_norm_max"] for m in learner)
         rec["learner/first_ratio_max_abs_dev"] = max(m["first_ratio_max_abs_dev"] for m in learner)
         rec["learner/optimizer_steps"] = learner[0]["optimizer_steps"]
+        rec["learner/micro_steps"] = learner[0]["micro_steps"]  # minibatches x sampled steps, per worker
         rec["learner/seconds"] = max(m["seconds"] for m in learner)
         learner_work, rec["throughput/learner_images_per_s"] = _per_actor(learner, "samples")
         rec["work/learner_samples"] = learner_work
