@@ -26,15 +26,19 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """The denoiser stack. `kind`: `toy` (the embedded model), `stable_diffusion` (diffusers folder
     or a Hugging Face id from the local cache) or `tiny_sd` (a randomly initialised SD-shaped stack,
-    for tests and benchmarks)."""
+    for tests and benchmarks); the flow-matching models `sd3` (SD3 / SD3.5), `flux` (FLUX.1) and their
+    random tiny stacks `tiny_sd3`, `tiny_flux`."""
 
-    kind: Literal["toy", "stable_diffusion", "tiny_sd"] = "toy"
+    kind: Literal["toy", "stable_diffusion", "tiny_sd", "sd3", "flux", "tiny_sd3", "tiny_flux"] = "toy"
     path: str | None = None  # None with kind=toy means the committed embedded checkpoint
     revision: str | None = None
     lora_rank: int = Field(0, ge=0)  # 0 = train the full UNet; >0 = peft LoRA adapters of this rank
     lora_alpha: float | None = None  # None = lora_rank
     sample_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # autocast dtype while sampling
     seed: int = 0  # init seed of kind=tiny_sd
+
+    # --- flow-matching models (kind sd3 / flux / tiny_sd3 / tiny_flux; loop_ray/diffusion/flow_*.py) ---
+    max_sequence_length: int | None = Field(None, ge=1)  # T5 tokens; None = the pipeline's (SD3 256, FLUX 512)
 
 
 class SamplingConfig(_Section):
@@ -44,6 +48,11 @@ class SamplingConfig(_Section):
     k: int = Field(4, ge=1)  # K trajectories per prompt
     prompts_per_iteration: int = Field(16, ge=1)  # prompts per iteration (each K samples)
     batch_size: int = Field(16, ge=1)  # samples per sampler forward chunk
+
+    # --- flow-matching models (loop_ray/diffusion/flow_logprob.py); eta is the DDIM models' ---
+    flow_sde: Literal["sde", "cps"] = "sde"  # Flow-GRPO's SDE step, or Flow-CPS's coefficient-preserving one
+    flow_noise_level: float = Field(0.7, ge=0.0)  # a: sigma_s = a sqrt(s / (1 - s)) (sde), sin(a pi / 2) (cps)
+    flow_resolution: int | None = Field(None, ge=8)  # image side in pixels; None = the model's default
 
 
 class PromptsConfig(_Section):
@@ -186,6 +195,19 @@ class ExperimentConfig(_Section):
             raise ValueError("cluster.max_staleness must be 0 in cluster.mode=sync")
         if self.model.kind == "stable_diffusion" and not self.model.path:
             raise ValueError("model.path is required with model.kind=stable_diffusion")
+        return self
+
+    @model_validator(mode="after")
+    def _check_flow(self) -> ExperimentConfig:
+        """Flow-matching models: a path for the real ones, a CPS noise level within [0, 1]."""
+        kind, sampling = self.model.kind, self.sampling
+        if kind in ("sd3", "flux") and not self.model.path:
+            raise ValueError(f"model.path is required with model.kind={kind} (a diffusers folder or a cached id)")
+        if sampling.flow_sde == "cps" and sampling.flow_noise_level > 1:
+            raise ValueError(
+                f"sampling.flow_noise_level={sampling.flow_noise_level}: with sampling.flow_sde=cps the fresh "
+                "noise share is sin(a pi / 2), so a must lie in [0, 1]"
+            )
         return self
 
 
