@@ -141,6 +141,30 @@ def compute_advantages(
     raise ValueError(f"unknown advantage estimator {estimator!r}; choose from {ESTIMATORS}")
 
 
+CONTROLS = ("none", "shuffle")
+
+
+def control_seed(seed: int, iteration: int) -> int:
+    """The seed of an iteration's control permutation (a function of the run's seed and the
+    iteration alone, so a resumed run shuffles the same way)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, iteration, 0xC0]).generate_state(1)[0])
+
+
+def apply_control(advantages: torch.Tensor, control: str, generator: torch.Generator) -> torch.Tensor:
+    """The null of a learning claim. `none`: the advantages as they are. `shuffle`: the same values
+    permuted across all samples (and groups) of the batch, so they keep their magnitudes but carry
+    no information about which image was better; a run that learns no more than its shuffled
+    control has learned nothing from the reward."""
+    if control == "none":
+        return advantages
+    if control == "shuffle":
+        flat = advantages.flatten()
+        return flat[torch.randperm(flat.numel(), generator=generator)].view_as(advantages)
+    raise ValueError(f"algorithm.control={control!r}: expected one of {CONTROLS}")
+
+
 def policy_loss(
     logp_new: torch.Tensor,
     logp_old: torch.Tensor,

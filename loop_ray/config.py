@@ -35,6 +35,10 @@ class ModelConfig(_Section):
     lora_rank: int = Field(0, ge=0)  # 0 = train the full UNet; >0 = peft LoRA adapters of this rank
     lora_alpha: float | None = None  # None = lora_rank
     sample_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # autocast dtype while sampling
+    # which parameters train (loop_ray.diffusion.trainable): all, or only the text cross-attention;
+    # `freeze` lists parameter-name prefixes frozen on top (e.g. [conv_out, conv_norm_out])
+    trainable: Literal["all", "cross_attention"] = "all"
+    freeze: list[str] = Field(default_factory=list)
     seed: int = 0  # init seed of kind=tiny_sd
 
     # --- flow-matching models (kind sd3 / flux / tiny_sd3 / tiny_flux; loop_ray/diffusion/flow_*.py) ---
@@ -48,6 +52,19 @@ class SamplingConfig(_Section):
     k: int = Field(4, ge=1)  # K trajectories per prompt
     prompts_per_iteration: int = Field(16, ge=1)  # prompts per iteration (each K samples)
     batch_size: int = Field(16, ge=1)  # samples per sampler forward chunk
+    # Which steps are stochastic and trained (loop_ray.diffusion.windows): all (null, the paper), a
+    # fixed list `sde_steps`, or a window of `sde_window` consecutive steps placed per iteration:
+    # fixed at `sde_window_start`, random, or sliding from `sde_window_start` to `sde_window_end`
+    # over the run (MixGRPO). Steps outside run DDIM with eta = 0 and are never trained.
+    sde_steps: list[int] | None = None
+    sde_window: int | None = Field(None, ge=1)
+    sde_window_placement: Literal["fixed", "random", "sliding"] = "fixed"
+    sde_window_start: int = Field(0, ge=0)
+    sde_window_end: int | None = Field(None, ge=1)  # exclusive; null = num_steps
+    # How the K samples of a group share noise (loop_ray.diffusion.policy_base): independent (the
+    # paper), branch (shared initial noise and deterministic prefix, parting at the first stochastic
+    # step), shared (every step stochastic, only the sde steps' noise differs within a group)
+    group_noise: Literal["independent", "branch", "shared"] = "independent"
 
     # --- flow-matching models (loop_ray/diffusion/flow_logprob.py); eta is the DDIM models' ---
     flow_sde: Literal["sde", "cps"] = "sde"  # Flow-GRPO's SDE step, or Flow-CPS's coefficient-preserving one
@@ -87,6 +104,9 @@ class AlgorithmConfig(_Section):
     stat_tracker_buffer: int = Field(16, ge=1)
     stat_tracker_min_count: int = Field(16, ge=1)
     std_eps: float = Field(1e-6, gt=0.0)  # group_std / stat_tracker denominator epsilon
+    # The null for every learning claim: `shuffle` permutes the advantages across all samples of an
+    # iteration (same magnitudes, no information about which image was better)
+    control: Literal["none", "shuffle"] = "none"
 
 
 class LearnerConfig(_Section):
@@ -186,13 +206,16 @@ class ExperimentConfig(_Section):
                 f"{self.learner.minibatches_per_step}: does not divide the {shard} samples each learner "
                 "worker receives per iteration"
             )
-        if algo.skip_first_steps + algo.skip_last_steps >= self.sampling.num_steps:
-            raise ValueError(
-                "algorithm.skip_first_steps + algorithm.skip_last_steps leave no DDIM step of "
-                f"sampling.num_steps={self.sampling.num_steps} to train on"
-            )
+        from loop_ray.diffusion.windows import check_sde_config
+
+        check_sde_config(self.sampling, algo.skip_first_steps, algo.skip_last_steps)
         if self.cluster.mode == "sync" and self.cluster.max_staleness != 0:
             raise ValueError("cluster.max_staleness must be 0 in cluster.mode=sync")
+        if self.model.lora_rank > 0 and (self.model.trainable != "all" or self.model.freeze):
+            raise ValueError(
+                "model.trainable / model.freeze choose parameters of the full network; with "
+                f"model.lora_rank={self.model.lora_rank} only the LoRA adapters train"
+            )
         if self.model.kind == "stable_diffusion" and not self.model.path:
             raise ValueError("model.path is required with model.kind=stable_diffusion")
         return self

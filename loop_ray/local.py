@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from loop_ray.algorithms import StatTracker, compute_advantages
+from loop_ray.algorithms import StatTracker, apply_control, compute_advantages, control_seed
 from loop_ray.config import ExperimentConfig
 from loop_ray.evaluate import evaluate_policy
 from loop_ray.prompts import load_prompts
 from loop_ray.rewards.checks import InvalidRewardsError, describe_problems
 from loop_ray.rewards.composite import CompositeReward
 from loop_ray.system.engines.torch_engine import TorchEngine
-from loop_ray.system.engines.update import grad_accum_steps, update_on_shard
+from loop_ray.system.engines.update import grad_accum_steps, num_trainable_steps, update_on_shard
 from loop_ray.system.run.plan import plan_iteration
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,8 @@ class LocalRun:
         self.reward = CompositeReward.from_config(cfg.reward)
         self.train_set = load_prompts(cfg.prompts.train)
         self.val_set = load_prompts(cfg.prompts.val)
-        steps = self.policy.trainable_steps(cfg.algorithm.skip_first_steps, cfg.algorithm.skip_last_steps)
-        self.engine = TorchEngine(cfg, self.policy.trainable_parameters(), grad_accum_steps(cfg, len(steps)))
+        num_trainable = num_trainable_steps(cfg, self.policy)
+        self.engine = TorchEngine(cfg, self.policy.trainable_parameters(), grad_accum_steps(cfg, num_trainable))
         a = cfg.algorithm
         self.stat_tracker = (
             StatTracker(a.stat_tracker_buffer, a.stat_tracker_min_count, a.std_eps) if a.advantage == "stat_tracker" else None
@@ -64,7 +64,8 @@ class LocalRun:
         plan = plan_iteration(cfg, self.train_set, iteration)
         batch = self.policy.sample(
             plan.prompts, k, plan.seeds, prompt_ids=plan.prompt_ids, group_ids=plan.group_ids,
-            batch_size=cfg.sampling.batch_size, version=iteration,
+            batch_size=cfg.sampling.batch_size, version=iteration, sde_steps=plan.sde_steps,
+            group_noise=cfg.sampling.group_noise,
         )
         scores = self.reward.score_checked(batch.images, batch.prompts)
         rewards = torch.as_tensor(scores.total, dtype=torch.float32).view(-1, k)
@@ -79,7 +80,9 @@ class LocalRun:
         advantages = compute_advantages(
             rewards[valid], cfg.algorithm.advantage, std_eps=cfg.algorithm.std_eps,
             stat_tracker=self.stat_tracker, prompts=[p for p, ok in zip(plan.prompts, valid.tolist()) if ok],
-        ).flatten()
+        )
+        generator = torch.Generator().manual_seed(control_seed(cfg.seed, iteration))
+        advantages = apply_control(advantages, cfg.algorithm.control, generator).flatten()
         batch.rewards, batch.advantages = rewards[valid].flatten(), advantages
         return batch, rejected
 

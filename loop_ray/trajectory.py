@@ -1,7 +1,8 @@
 """TrajectoryBatch: the one record that travels from sampler to reward server to learner.
 
-B samples, T DDIM steps. Samples of one prompt share a `group_ids` value; the K samples of a
-group are the leave-one-out group. Tensors are on the CPU when the record crosses Ray.
+B samples, T sampler steps. Samples of one prompt share a `group_ids` value; the K samples of a
+group are the leave-one-out group. Tensors are on the CPU when the record crosses Ray. Optional
+tensor fields (None when absent) are carried through select / to / concat like the others.
 """
 
 from __future__ import annotations
@@ -16,16 +17,24 @@ class TrajectoryBatch:
     prompts: list[str]  # [B] prompt text
     prompt_ids: torch.Tensor  # [B] long: index of the prompt in its source
     group_ids: torch.Tensor  # [B] long: samples of one prompt in one iteration share it
-    seeds: torch.Tensor  # [B] long: the per-sample seed that fixed x_T and every step's noise
+    seeds: torch.Tensor  # [B] long: the per-sample seed of x_T and the step noise (a group's first seed for shared noise)
     prompt_embeds: torch.Tensor  # [B, L, D] text-encoder states of the prompt
     negative_embeds: torch.Tensor  # [B, L, D] text-encoder states of the empty prompt (CFG)
     latents: torch.Tensor  # [B, T+1, C, H, W]: x_T ... x_0 (latents[:, j] is the input of step j)
-    timesteps: torch.Tensor  # [B, T] long: the scheduler timestep of step j
+    timesteps: torch.Tensor  # [B, T]: the scheduler timestep of step j
     log_probs: torch.Tensor  # [B, T] float32: logp_old of x_{j+1} given x_j under the behaviour policy
     images: torch.Tensor  # [B, H, W, 3] uint8 decoded x_0
     version: int = 0  # policy version that sampled the batch
     rewards: torch.Tensor | None = None  # [B] float32, after scoring
     advantages: torch.Tensor | None = None  # [B] float32, after the advantage estimator
+    sde_mask: torch.Tensor | None = None  # [B, T] bool: the stochastic steps (None: all); only they train
+
+    # the fields a policy's network is conditioned on (PolicyBase._conditioning / log_prob)
+    CONDITIONING = ("prompt_embeds", "negative_embeds")
+
+    def conditioning(self) -> dict[str, torch.Tensor]:
+        """The conditioning tensors of the batch, by field name (absent optional ones left out)."""
+        return {name: getattr(self, name) for name in self.CONDITIONING if getattr(self, name) is not None}
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -67,7 +76,7 @@ class TrajectoryBatch:
             values = [getattr(b, f.name) for b in batches]
             if f.name == "version":
                 out[f.name] = min(values)
-            elif f.name in ("rewards", "advantages"):
+            elif f.default is None:  # an optional field: kept only where every batch has it
                 out[f.name] = None if any(v is None for v in values) else torch.cat(values)
             elif isinstance(values[0], list):
                 out[f.name] = [x for v in values for x in v]

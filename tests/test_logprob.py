@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from numerics import UNIT_ROUNDOFF
 
 from loop_ray.diffusion.logprob import ddim_sigma, ddim_step_with_logprob
-from numerics import UNIT_ROUNDOFF
 
 torch.set_num_threads(1)
 

@@ -6,11 +6,11 @@ import types
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from numerics import logprob_atol, network_rel_error, sampler_atol
 
 from loop_ray.config import ExperimentConfig
 from loop_ray.diffusion.models import build_policy, tiny_sd_components
 from loop_ray.diffusion.policy import DiffusionPolicy
-from numerics import logprob_atol, network_rel_error, sampler_atol
 
 torch.set_num_threads(1)
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from numerics import network_rel_error
 
 from loop_ray.prompts import load_prompts
-from numerics import network_rel_error
 from loop_ray.rewards import available_rewards, build_reward
 
 torch.set_num_threads(1)

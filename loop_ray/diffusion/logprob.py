@@ -110,6 +110,7 @@ def ddim_step_with_logprob(
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     *,
+    noise: torch.Tensor | None = None,
     reduce: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step x_t -> x_{t-1} (DDIM eq. 12, sigma_t of eq. 16) and log N(x_{t-1}; mu_t, sigma_t^2 I).
@@ -119,8 +120,8 @@ def ddim_step_with_logprob(
         layout are honoured as in `DDIMScheduler.step`.
     model_output: the (guided) network output at x_t, [B, ...]. `sample` is x_t, [B, ...].
     timestep: t as a python int, a 0-d tensor, or a [B] tensor of one timestep per sample.
-    prev_sample: the x_{t-1} to score; None draws x_{t-1} = mu_t + sigma_t * z with z from
-        `generator` (one generator, or a list of one per batch row).
+    prev_sample: the x_{t-1} to score; None draws x_{t-1} = mu_t + sigma_t * z with z given as
+        `noise` or drawn from `generator` (one generator, or a list of one per batch row).
     reduce: "mean" averages the log-density over all non-batch dimensions (DDPO's convention, which
         the paper's clip range eps = 1e-4 assumes); "sum" gives the full log-density.
 
@@ -160,7 +161,7 @@ def ddim_step_with_logprob(
     mu_t = sqrt_abar_prev * x0_pred + direction
 
     if prev_sample is None:
-        z = draw_noise(x_t.shape, generator, device, dtype)
+        z = draw_noise(x_t.shape, generator, device, dtype) if noise is None else noise.to(device, dtype)
         prev_sample = mu_t + sigma_t * z
     prev_sample = prev_sample.detach().to(dtype)
 

@@ -165,6 +165,10 @@ def build_policy(cfg, device: str | torch.device = "cpu") -> DiffusionPolicy:
 
         alpha = cfg.model.lora_alpha if cfg.model.lora_alpha is not None else cfg.model.lora_rank
         add_lora(components.unet, cfg.model.lora_rank, alpha)
+    elif cfg.model.trainable != "all" or cfg.model.freeze:
+        from loop_ray.diffusion.trainable import select_trainable
+
+        select_trainable(components.unet, cfg.model.trainable, cfg.model.freeze)
     return DiffusionPolicy(
         components,
         num_steps=cfg.sampling.num_steps,

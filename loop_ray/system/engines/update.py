@@ -1,9 +1,10 @@
 """One learner worker's update on its shard of an iteration's samples (no Ray in here).
 
 For each of `inner_epochs` epochs the shard is shuffled and cut into minibatches; each sample
-gets its own random permutation of the trainable DDIM steps (`policy.trainable_steps` without the
-first `skip_first_steps` and last `skip_last_steps`), of which the first
-ceil(timestep_fraction * #steps) are trained on, as in DDPO. A micro-step is one minibatch at one
+gets its own random permutation of its trainable steps (its stochastic steps, all of them or the
+iteration's `sde_steps`, without the first `skip_first_steps` and last `skip_last_steps` of them:
+`policy.trainable_steps_of`), of which the first ceil(timestep_fraction * #steps) are trained on,
+as in DDPO. A micro-step is one minibatch at one
 sampled step per sample: the log-probs are recomputed under the current weights (same CFG as
 sampling), the advantages clamped to +-adv_clip_max, and the clipped importance-sampling loss of
 `loop_ray.algorithms.policy_loss` back-propagated. Gradients accumulate over the sampled steps and
@@ -33,6 +34,16 @@ def grad_accum_steps(cfg: ExperimentConfig, num_trainable: int) -> int:
     return train_steps_per_sample(cfg, num_trainable) * cfg.learner.minibatches_per_step
 
 
+def num_trainable_steps(cfg: ExperimentConfig, policy) -> int:
+    """How many steps of each sample may be trained on (the same in every iteration: a window has a
+    fixed size), from iteration 0's stochastic steps."""
+    from loop_ray.diffusion.windows import stochastic_steps
+
+    algo = cfg.algorithm
+    sde_steps = stochastic_steps(cfg.sampling, 0, cfg.iterations, cfg.seed)
+    return len(policy.trainable_steps(algo.skip_first_steps, algo.skip_last_steps, sde_steps))
+
+
 @dataclass
 class _Log:
     values: dict[str, list[float]] = field(default_factory=dict)
@@ -52,8 +63,8 @@ def update_on_shard(
 ) -> dict[str, float]:
     """Run the configured epochs of clipped-IS updates; returns this worker's metrics."""
     algo, mbs = cfg.algorithm, cfg.learner.minibatch_size
-    steps = policy.trainable_steps(algo.skip_first_steps, algo.skip_last_steps)
-    n_steps = train_steps_per_sample(cfg, len(steps))
+    steps = policy.trainable_steps_of(batch, algo.skip_first_steps, algo.skip_last_steps)  # [B, n]
+    n_steps = train_steps_per_sample(cfg, steps.shape[1])
     advantages = advantages.to(torch.float32).clamp(-algo.adv_clip_max, algo.adv_clip_max)
     params = policy.trainable_parameters()
     log, first_dev = _Log(), 0.0
@@ -65,8 +76,8 @@ def update_on_shard(
             idx = order[first : first + mbs]
             sub = batch.select(idx)
             adv = advantages[idx]
-            perms = torch.stack([torch.randperm(len(steps), generator=generator) for _ in range(len(idx))])
-            chosen = steps[perms[:, :n_steps]]  # [b, n_steps] step indices, one permutation per sample
+            perms = torch.stack([torch.randperm(steps.shape[1], generator=generator) for _ in range(len(idx))])
+            chosen = steps[idx].gather(1, perms[:, :n_steps])  # [b, n_steps] step indices, one permutation per sample
             for j in range(n_steps):
                 step_idx = chosen[:, j]
                 logp_new = policy.log_prob(sub, step_idx)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from loop_ray.algorithms import StatTracker, compute_advantages
+from loop_ray.algorithms import StatTracker, apply_control, compute_advantages, control_seed
 
 
 @dataclass
@@ -84,6 +84,8 @@ class TrajectoryBuffer:
     estimator: str
     std_eps: float = 1e-6
     stat_tracker: StatTracker | None = None
+    control: str = "none"  # algorithm.control: "shuffle" permutes each taken batch's advantages
+    seed: int = 0  # the run's seed, for the control's permutation
     _entries: dict[int, _Entry] = field(default_factory=dict)
     _next: int = 0
 
@@ -162,6 +164,8 @@ class TrajectoryBuffer:
         advantages = compute_advantages(
             rewards, self.estimator, std_eps=self.std_eps, stat_tracker=self.stat_tracker, prompts=prompts
         )
+        generator = torch.Generator().manual_seed(control_seed(self.seed, current_version))
+        advantages = apply_control(advantages, self.control, generator)
         flat = [(e, r) for m in members for e, r in m]
         batch = LearnBatch(
             refs=[self._entries[e].ref for e, _ in flat],

@@ -21,7 +21,7 @@ import ray
 import torch
 
 from loop_ray.config import ExperimentConfig
-from loop_ray.system.engines.update import grad_accum_steps, update_on_shard
+from loop_ray.system.engines.update import grad_accum_steps, num_trainable_steps, update_on_shard
 from loop_ray.system.launch.cluster import actor_options, role_resources
 from loop_ray.system.roles.weights import ObjectStoreWeightSync, PublishedWeights
 from loop_ray.trajectory import TrajectoryBatch
@@ -73,7 +73,7 @@ class LearnerWorker:
         from loop_ray.system.engines.deepspeed_engine import build_engine
 
         self.policy = build_policy(self.cfg, "cuda" if self.use_gpu else "cpu")
-        num_trainable = len(self.policy.trainable_steps(self.cfg.algorithm.skip_first_steps, self.cfg.algorithm.skip_last_steps))
+        num_trainable = num_trainable_steps(self.cfg, self.policy)
         self.engine = build_engine(self.cfg, self.policy, grad_accum_steps(self.cfg, num_trainable))
         self.weight_sync = ObjectStoreWeightSync()
         return self.rank

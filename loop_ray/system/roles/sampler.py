@@ -62,7 +62,9 @@ class SamplerActor:
         self.version = version
         return seconds
 
-    def _sample(self, prompts, prompt_ids, group_ids, seeds, k, version, weights):
+    def _sample(self, prompts, prompt_ids, group_ids, seeds, k, version, weights, sde_steps=None, design=False):
+        """`design`: sample with the training design (sde_steps, sampling.group_noise); evaluation
+        samples every step stochastically with independent noise."""
         load_seconds = self._use_version(version, weights)
         start = time.perf_counter()
         batch = self.policy.sample(
@@ -73,6 +75,8 @@ class SamplerActor:
             group_ids=group_ids,
             batch_size=self.cfg.sampling.batch_size,
             version=self.version,
+            sde_steps=sde_steps if design else None,
+            group_noise=self.cfg.sampling.group_noise if design else "independent",
         )
         seconds = time.perf_counter() - start
         self.images_done += len(batch)
@@ -95,11 +99,12 @@ class SamplerActor:
         version: int,
         weights: PublishedWeights | None = None,
         num_chunks: int = 1,
+        sde_steps: list[int] | None = None,
     ):
         """K trajectories per prompt with the policy at `version` (loaded from `weights` if this
-        actor is behind). Call with `.options(num_returns=2 + num_chunks)`; returns
-        (TrajectoryBatch, stats, *image chunks)."""
-        batch, stats = self._sample(prompts, prompt_ids, group_ids, seeds, k, version, weights)
+        actor is behind), stochastic at `sde_steps` (None: all). Call with
+        `.options(num_returns=2 + num_chunks)`; returns (TrajectoryBatch, stats, *image chunks)."""
+        batch, stats = self._sample(prompts, prompt_ids, group_ids, seeds, k, version, weights, sde_steps, True)
         return (batch, stats, *image_chunks(batch, num_chunks))
 
     def generate_images(

@@ -67,7 +67,9 @@ class Trainer:
         if cfg.algorithm.advantage == "stat_tracker":
             a = cfg.algorithm
             tracker = StatTracker(a.stat_tracker_buffer, a.stat_tracker_min_count, a.std_eps)
-        self.buffer = TrajectoryBuffer(cfg.sampling.k, cfg.algorithm.advantage, cfg.algorithm.std_eps, tracker)
+        self.buffer = TrajectoryBuffer(
+            cfg.sampling.k, cfg.algorithm.advantage, cfg.algorithm.std_eps, tracker, cfg.algorithm.control, cfg.seed
+        )
         self.version, self.weights, self.images_seen = 0, None, 0
         self.records: list[dict] = []
         self.before: EvalResult | None = None

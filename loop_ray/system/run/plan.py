@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from loop_ray.config import ExperimentConfig
+from loop_ray.diffusion.windows import stochastic_steps
 from loop_ray.heldout import eval_prompt_indices, eval_seeds
 from loop_ray.prompts import PromptSet
 
@@ -29,6 +30,7 @@ class SamplerJob:
     group_ids: list[int]
     seeds: list[int]  # len(prompts) * k
     categories: list[str]
+    sde_steps: list[int] | None = None  # the iteration's stochastic steps (None: all)
 
     @property
     def num_samples(self) -> int:
@@ -43,6 +45,7 @@ class Plan:
     group_ids: list[int]
     seeds: list[int]
     categories: list[str]
+    sde_steps: list[int] | None = None  # the iteration's stochastic steps (None: all; evaluation)
 
     def split(self, num_parts: int) -> list[SamplerJob]:
         """Consecutive whole-prompt shares for `num_parts` samplers (empty shares left out)."""
@@ -53,7 +56,7 @@ class Plan:
                 jobs.append(
                     SamplerJob(
                         self.prompts[a:b], self.prompt_ids[a:b], self.group_ids[a:b],
-                        self.seeds[a * self.k : b * self.k], self.categories[a:b],
+                        self.seeds[a * self.k : b * self.k], self.categories[a:b], self.sde_steps,
                     )
                 )
         return jobs
@@ -71,6 +74,7 @@ def plan_iteration(cfg: ExperimentConfig, prompt_set: PromptSet, iteration: int)
         group_ids=[iteration * n + g for g in range(n)],
         seeds=seeds,
         categories=[prompt_set.categories[i] for i in idx],
+        sde_steps=stochastic_steps(cfg.sampling, iteration, cfg.iterations, cfg.seed),
     )
 
 

@@ -67,7 +67,8 @@ def _submit_job(rollout: Rollout, j: int, sampler) -> None:
         batch_ref = None
     else:
         batch_ref, stats_ref, *chunks = sampler.generate.options(num_returns=2 + n).remote(
-            job.prompts, job.prompt_ids, job.group_ids, job.seeds, plan.k, rollout.version, rollout.weights, n
+            job.prompts, job.prompt_ids, job.group_ids, job.seeds, plan.k, rollout.version, rollout.weights, n,
+            job.sde_steps,
         )
     rollout.batch_refs[j], rollout.stats_refs[j], rollout.chunk_refs[j] = batch_ref, stats_ref, chunks
     first = rollout.job_offsets[j]

@@ -1,0 +1,325 @@
+"""What every text-to-image policy shares, whatever its sampler: the RL side of a denoising chain.
+
+A policy pi_theta is a chain of T Gaussian transitions, one per sampler step j = 0..T-1, from
+latents[:, j] to latents[:, j+1] (latents[:, 0] is pure noise, latents[:, T] the sample; in DDPM's
+notation x_T -> ... -> x_0). A subclass supplies the model
+(the network call with its guidance) and one transition with its log-prob (`DiffusionPolicy`:
+DDIM; a flow policy: the SDE form of the flow ODE). This base owns the rest:
+
+- `sample`: K trajectories per prompt with per-sample seeds, the behaviour log-probs logp_old stored;
+- which steps are stochastic (`sde_steps`): all of them (the paper), or a subset such as a window
+  of W consecutive steps; the others run deterministically (eta = 0), store log-prob 0 and are never
+  trained (as in MixGRPO's sliding window and Flow-GRPO's fast variant);
+- how the K samples of a group share noise (`group_noise`):
+    independent  every sample has its own x_0 and noise (the paper);
+    branch       the K samples share the initial noise and the deterministic prefix, computed once per group,
+                 and part at the first stochastic step (TempFlow-GRPO, Flow-GRPO-Fast);
+    shared       every step stays stochastic (each sample is an exact sample of the policy), but
+                 the K samples share the initial noise and the noise of every step outside `sde_steps`; only the
+                 noise of the trained steps differs, so reward differences within a group come
+                 from them, and the leave-one-out baseline of sample i depends only on the other
+                 samples' trained-step noise, which is independent of sample i's (unbiased).
+- `log_prob`: the log-prob of stored transitions under the current weights, with autograd;
+- `trainable_steps_of`: per sample, the stochastic steps the learner may train on;
+- the trainable weights a sampler needs from the learner.
+
+Seeds: sample i's own noise comes from a torch.Generator seeded with seeds[i]; the noise a group
+shares comes from one seeded with the seed of the group's first sample. Each row draws from its own
+generators, so a sample depends only on (prompt, seeds, weights), not on which samples share its
+batch or on `batch_size`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from loop_ray.diffusion.logprob import draw_noise
+from loop_ray.trajectory import TrajectoryBatch
+
+_SEED_HIGH = 2**62  # seeds are drawn from [0, 2^62): they fit int64 tensors and torch.Generator
+
+GroupNoise = Literal["independent", "branch", "shared"]
+GROUP_NOISE = ("independent", "branch", "shared")
+
+
+class PolicyBase:
+    """The RL interface of a denoising policy; see the module docstring.
+
+    Attributes a subclass sets: `unet` (the trainable denoiser network: a UNet, or a flow
+    transformer; a DeepSpeed engine wrapping it can take its place, so it is reached through
+    `_module()`), `device`, `num_steps`, `eta` (the noise scale of stochastic steps), `sigmas`
+    ([T] float64: the std of each step at that scale, 0 where a step is deterministic anyway),
+    `sample_dtype`. Methods it implements: `_conditioning`, `_model_output`, `_transition`,
+    `_latent_shape`, `decode`.
+    """
+
+    unet: torch.nn.Module
+    device: torch.device
+    num_steps: int
+    eta: float
+    sigmas: torch.Tensor
+    sample_dtype: torch.dtype
+
+    def _init_seed_stream(self, seed: int | None) -> None:
+        """`seed` seeds the stream that invents per-sample seeds when `sample` gets none; None seeds
+        it from OS entropy, so two samplers never repeat each other."""
+        self._seed_stream = torch.Generator()
+        if seed is None:
+            self._seed_stream.seed()
+        else:
+            self._seed_stream.manual_seed(seed)
+
+    # ------------------------------------------------------------------------- subclass hooks
+    def _conditioning(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Per-prompt conditioning tensors [N, ...] (float32, CPU) keyed by TrajectoryBatch field."""
+        raise NotImplementedError
+
+    def _model_output(self, x: torch.Tensor, steps: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The guided network output at x [B, ...] for step indices `steps` [B] (at least float32)."""
+        raise NotImplementedError
+
+    def _transition(
+        self,
+        steps: torch.Tensor,
+        model_output: torch.Tensor,
+        x: torch.Tensor,
+        eta: float,
+        *,
+        noise: torch.Tensor | None = None,
+        prev_sample: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One transition of step indices `steps` [B] with noise scale `eta`: draws the next x from
+        `noise` (or scores the given `prev_sample`) and returns (next x, log-prob [B])."""
+        raise NotImplementedError
+
+    def _latent_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _module(self) -> torch.nn.Module:
+        """The network itself, also when `self.unet` is a wrapper (DeepSpeed engine, DDP) with `.module`."""
+        return getattr(self.unet, "module", self.unet)
+
+    # ------------------------------------------------------------------------------ step sets
+    def sde_mask(self, sde_steps: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """[T] bool: the stochastic steps, all of them for None; an index outside 0..T-1 is an error."""
+        mask = torch.zeros(self.num_steps, dtype=torch.bool)
+        if sde_steps is None:
+            mask[:] = True
+            return mask
+        idx = torch.as_tensor(sde_steps, dtype=torch.long).reshape(-1)
+        if idx.numel() == 0 or idx.min() < 0 or idx.max() >= self.num_steps:
+            raise ValueError(f"sde_steps {idx.tolist()}: expected step indices in 0..{self.num_steps - 1}")
+        mask[idx] = True
+        return mask
+
+    def trainable_steps(self, skip_first: int = 0, skip_last: int = 0, sde_steps=None) -> torch.Tensor:
+        """The step indices the learner trains on: the stochastic steps (all, or `sde_steps`) less the
+        first `skip_first` and the last `skip_last` of them, and less any whose sigma is 0 (the first
+        step's gradient can be meaningless when abar ~ 0, the last step's tiny sigma can dominate
+        ratios; see TOY-WORLD-NOTES). With all steps stochastic the skips count schedule steps."""
+        window = self.sde_mask(sde_steps).nonzero().flatten()
+        window = window[skip_first : len(window) - skip_last]
+        return window[self.sigmas[window] > 0]
+
+    def trainable_steps_of(self, batch: TrajectoryBatch, skip_first: int = 0, skip_last: int = 0) -> torch.Tensor:
+        """[B, n]: each sample's trainable steps (`trainable_steps` of its own `sde_mask`); every
+        sample must have the same number n (a window has a fixed size)."""
+        masks = batch.sde_mask if batch.sde_mask is not None else self.sde_mask().expand(len(batch), -1)
+        unique, inverse = torch.unique(masks, dim=0, return_inverse=True)
+        per_mask = [self.trainable_steps(skip_first, skip_last, m.nonzero().flatten()) for m in unique]
+        if len({len(s) for s in per_mask}) > 1:
+            raise ValueError(f"samples of one batch have different numbers of trainable steps: {per_mask}")
+        return torch.stack(per_mask)[inverse]
+
+    # ------------------------------------------------------------------------------- sampling
+    def sample(
+        self,
+        prompts: list[str],
+        k: int = 1,
+        seeds: Sequence[int] | torch.Tensor | None = None,
+        *,
+        prompt_ids: Sequence[int] | torch.Tensor | None = None,
+        group_ids: Sequence[int] | torch.Tensor | None = None,
+        batch_size: int | None = None,
+        version: int = 0,
+        sde_steps: Sequence[int] | torch.Tensor | None = None,
+        group_noise: GroupNoise = "independent",
+    ) -> TrajectoryBatch:
+        """K trajectories per prompt: B = len(prompts) * K samples, the K of prompt i contiguous.
+
+        seeds [B]: per-sample seeds (module docstring); None draws B seeds from the seed stream.
+        prompt_ids / group_ids: one per prompt (repeated K times) or one per sample; defaults are
+        the prompt's index in `prompts`, so the K samples of a prompt form one leave-one-out group.
+        sde_steps: the stochastic step indices (None: all); group_noise: see the module docstring.
+        Runs without autograd in chunks of `batch_size` samples (default: all at once), under
+        autocast to `sample_dtype` on a GPU; log-probs are float32. Tensors come back on the CPU.
+        """
+        if group_noise not in GROUP_NOISE:
+            raise ValueError(f"group_noise={group_noise!r}: expected one of {GROUP_NOISE}")
+        num_prompts, total = len(prompts), len(prompts) * k
+        if seeds is None:
+            seeds = torch.randint(0, _SEED_HIGH, (total,), generator=self._seed_stream)
+        seeds = torch.as_tensor(seeds, dtype=torch.long).reshape(-1)
+        if seeds.numel() != total:
+            raise ValueError(f"{seeds.numel()} seeds for {num_prompts} prompts x k={k} = {total} samples")
+        group_seeds = seeds.view(num_prompts, k)[:, :1].expand(num_prompts, k).reshape(-1)
+        groups = torch.arange(total) // k  # the K samples of prompt i are rows i*K .. i*K+K-1
+        default_ids = torch.arange(num_prompts)
+        prompt_ids = _per_sample(prompt_ids if prompt_ids is not None else default_ids, num_prompts, k, "prompt_ids")
+        group_ids = _per_sample(group_ids if group_ids is not None else default_ids, num_prompts, k, "group_ids")
+        cond = {name: v.repeat_interleave(k, dim=0) for name, v in self._conditioning(prompts).items()}
+        mask = self.sde_mask(sde_steps)
+
+        chunk = batch_size or total
+        latents, log_probs, images = [], [], []
+        for start in range(0, total, chunk):
+            rows = slice(start, min(start + chunk, total))
+            x, logp, img = self._sample_chunk(
+                {n: v[rows] for n, v in cond.items()}, seeds[rows], group_seeds[rows], groups[rows], mask,
+                group_noise,
+            )
+            latents.append(x)
+            log_probs.append(logp)
+            images.append(img)
+        return TrajectoryBatch(
+            prompts=[p for p in prompts for _ in range(k)],
+            prompt_ids=prompt_ids,
+            group_ids=group_ids,
+            seeds=seeds,
+            latents=torch.cat(latents),
+            timesteps=self.timesteps.expand(total, -1).clone(),
+            log_probs=torch.cat(log_probs),
+            images=torch.cat(images),
+            version=version,
+            sde_mask=mask.expand(total, -1).clone(),
+            **cond,
+        )
+
+    @torch.no_grad()
+    def _sample_chunk(self, cond, seeds, group_seeds, groups, mask, group_noise):
+        """One chunk: initial noise ~ N(0, I), then T transitions; returns latents [b, T+1, ...], logp_old
+        [b, T] and uint8 images, all on the CPU."""
+        own = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        shared = [torch.Generator().manual_seed(int(s)) for s in group_seeds] if group_noise != "independent" else own
+        shape = (len(seeds), *self._latent_shape())
+        x = draw_noise(shape, shared, self.device)
+        first = int(mask.nonzero()[0])  # the first stochastic step: where a branched group parts
+        trajectory, log_probs = [x], []
+        use_autocast = self.device.type == "cuda" and self.sample_dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=self.sample_dtype, enabled=use_autocast):
+            if group_noise == "branch" and first > 0:
+                x, prefix = self._shared_prefix(x, cond, groups, first, own)
+                trajectory += prefix
+                log_probs += [torch.zeros(len(seeds))] * first
+            for j in range(len(trajectory) - 1, self.num_steps):
+                z = draw_noise(shape, own, self.device)
+                if group_noise == "shared":  # both streams advance every step; outside sde_steps the group's is used
+                    z_group = draw_noise(shape, shared, self.device)
+                    z = z if mask[j] else z_group
+                eta = self.eta if (mask[j] or group_noise == "shared") else 0.0
+                steps = torch.full((len(seeds),), j, dtype=torch.long)
+                out = self._model_output(x, steps, cond)
+                x, logp = self._transition(steps, out, x, eta, noise=z)
+                trajectory.append(x)
+                log_probs.append(logp.float())
+            images = self.decode(x)
+        latents = torch.stack(trajectory, dim=1).float().cpu()
+        return latents, torch.stack(log_probs, dim=1).cpu(), images
+
+    def _shared_prefix(self, x, cond, groups, first, own):
+        """Branching: the deterministic steps before `first`, computed once per group (the rows of a
+        group share the initial noise and the conditioning, hence the whole prefix) and copied to its
+        K rows. Each row's own generator still advances one draw per step, as in an unbranched run."""
+        _, rep, inverse = _first_of_each(groups)
+        xs, sub = [], {n: v[rep] for n, v in cond.items()}
+        h = x[rep]
+        for j in range(first):
+            draw_noise(x.shape, own, self.device)
+            steps = torch.full((len(rep),), j, dtype=torch.long)
+            h, _ = self._transition(steps, self._model_output(h, steps, sub), h, 0.0, noise=torch.zeros_like(h))
+            xs.append(h[inverse])
+        return xs[-1], xs
+
+    # ------------------------------------------------------------------------------- learning
+    def log_prob(self, batch: TrajectoryBatch, step_indices: torch.Tensor) -> torch.Tensor:
+        """log p_theta(latents[:, j+1] | latents[:, j]) of stored transitions, with autograd.
+
+        step_indices: [B] (one step j per sample) -> [B], or [B, n] -> [B, n]. Uses the batch's
+        conditioning, this policy's eta and guidance and the current weights; with unchanged weights
+        it reproduces batch.log_probs at the stochastic steps (ratio 1). Deterministic steps give 0.
+        """
+        if batch.num_steps != self.num_steps:
+            raise ValueError(f"batch has {batch.num_steps} steps, the policy {self.num_steps}")
+        idx = torch.as_tensor(step_indices, dtype=torch.long).to(batch.latents.device)
+        one_per_sample = idx.dim() == 1
+        if one_per_sample:
+            idx = idx[:, None]
+        size, n = idx.shape
+        if size != len(batch):
+            raise ValueError(f"step_indices has {size} rows for a batch of {len(batch)}")
+        rows = torch.arange(size, device=idx.device)[:, None].expand(size, n)
+        x_t = batch.latents[rows, idx].flatten(0, 1).to(self.device)
+        x_next = batch.latents[rows, idx + 1].flatten(0, 1).to(self.device)
+        steps = idx.flatten().cpu()
+        cond = {name: v.repeat_interleave(n, 0) for name, v in batch.conditioning().items()}
+        out = self._model_output(x_t, steps, cond)
+        _, logp = self._transition(steps, out, x_t, self.eta, prev_sample=x_next)
+        logp = logp.view(size, n)
+        return logp[:, 0] if one_per_sample else logp
+
+    # -------------------------------------------------------------------------------- weights
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def _trainable_keys(self) -> list[str]:
+        """LoRA adapters if the network has any; else the parameters that train when some are
+        frozen (`model.trainable` / `model.freeze`); else the whole state dict."""
+        module = self._module()
+        keys = list(module.state_dict().keys())
+        lora = [k for k in keys if "lora_" in k]
+        if lora:
+            return lora
+        params = dict(module.named_parameters())
+        if any(not p.requires_grad for p in params.values()):
+            return [k for k in keys if k in params and params[k].requires_grad]
+        return keys
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights a sampler needs from the learner (`_trainable_keys`); detached CPU copies."""
+        state = self._module().state_dict()
+        return {k: state[k].detach().cpu().clone() for k in self._trainable_keys()}
+
+    def load_trainable_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load what `trainable_state_dict` gave; every trainable key must be present, no other."""
+        expected = set(self._trainable_keys())
+        missing, unexpected = expected - state_dict.keys(), state_dict.keys() - expected
+        if missing or unexpected:
+            raise KeyError(
+                f"trainable state dict mismatch: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}"
+            )
+        self._module().load_state_dict(state_dict, strict=False)
+
+
+def _first_of_each(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(unique keys, index of each key's first row, each row's position in the unique list)."""
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    first = torch.full((len(unique),), len(keys), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(len(keys)), reduce="amin")
+    return unique, first, inverse
+
+
+def _per_sample(ids, num_prompts: int, k: int, name: str) -> torch.Tensor:
+    """[B] long ids from one id per prompt (repeated K times) or one per sample."""
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    if ids.numel() == num_prompts:
+        return ids.repeat_interleave(k)
+    if ids.numel() == num_prompts * k:
+        return ids
+    raise ValueError(f"{name}: {ids.numel()} values for {num_prompts} prompts x k={k}")
