@@ -4,7 +4,9 @@ Each figure is the median of `--repeats` timed runs after a warm-up, with its sp
   sampler      loop-ray's policy sampling (log-probs and every latent stored) against diffusers' own
                sampling on the same weights, steps, batch and guidance: StableDiffusionPipeline for
                the tiny SD-shaped stack; for the pixel-space embedded model, which has no diffusers
-               pipeline class, the loop a pipeline runs (UNet with CFG + DDIMScheduler.step)
+               pipeline class, the loop a pipeline runs (UNet with CFG + DDIMScheduler.step); and the
+               flow policy on a tiny SD3 stack against StableDiffusion3Pipeline (that row's ratio is
+               images/s, higher is faster; the others' are seconds)
   learner      one learner phase (update_on_shard through DeepSpeed: clipped IS loss, accumulation,
                clipping, AdamW) against the bare forward+backward passes it must do
   end_to_end   one iteration of the Ray system (sync, then async) against the same iteration's parts
@@ -107,7 +109,30 @@ def bench_sampler(repeats: int, batch: int, steps: int, guidance: float) -> dict
                              width=size, generator=torch.Generator().manual_seed(0), output_type="np"), repeats)
     out["tiny_sd"] = {"loop_ray": ours, "diffusers_pipeline": ref, "ratio": ratio(ours, ref),
                       "images_per_s": batch / ours["median_s"], "batch": batch, "steps": steps}
+    out["tiny_sd3_flow"] = bench_flow_sampler(repeats, batch, steps)
     return out
+
+
+def bench_flow_sampler(repeats: int, batch: int, steps: int, guidance: float = 4.5) -> dict:
+    """The flow policy (Flow-GRPO's SDE, a = 0.7, every latent and log-prob stored) against a bare
+    diffusers StableDiffusion3Pipeline on the same tiny SD3 weights, steps, batch, CFG and T5 length.
+    `ratio` here is images/s of loop-ray over images/s of diffusers: higher is faster."""
+    from loop_ray.diffusion.flow_models import TINY_RESOLUTION, pipeline_class, tiny_sd3_components
+    from loop_ray.diffusion.flow_policy import FlowPolicy
+
+    prompts = ["a red circle and a blue square"] * batch
+    comps = tiny_sd3_components(0)
+    policy = FlowPolicy(comps, num_steps=steps, guidance_scale=guidance, noise_level=0.7, resolution=TINY_RESOLUTION,
+                        max_sequence_length=8)
+    pipe = pipeline_class("sd3")(**comps.pipeline_modules())
+    pipe.set_progress_bar_config(disable=True)
+    seeds = list(range(batch))
+    ours = timed(lambda: policy.sample(prompts, 1, seeds, batch_size=batch), repeats)
+    ref = timed(lambda: pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=TINY_RESOLUTION,
+                             width=TINY_RESOLUTION, max_sequence_length=8, output_type="np",
+                             generator=torch.Generator().manual_seed(0)), repeats)
+    return {"loop_ray": ours, "diffusers_pipeline": ref, "ratio": ratio(ref, ours), "ratio_is": "images/s",
+            "images_per_s": batch / ours["median_s"], "batch": batch, "steps": steps}
 
 
 # ------------------------------------------------------------------------------------------ learner
@@ -195,6 +220,8 @@ def markdown(report: dict) -> str:
     for name, s in report.get("sampler", {}).items():
         base_key = "diffusers_pipeline" if "diffusers_pipeline" in s else "diffusers_loop"
         r = s["ratio"]
+        if s.get("ratio_is") == "images/s":
+            name += ", images/s ratio: higher is faster"
         lines.append(f"| sampler, {name} (batch {s['batch']}, {s['steps']} steps) | {s['loop_ray']['median_s']:.3f} s | "
                      f"{s[base_key]['median_s']:.3f} s ({base_key}) | {r['median']:.2f} ({r['low']:.2f}–{r['high']:.2f}) |")
     if "learner" in report:

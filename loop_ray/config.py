@@ -231,7 +231,26 @@ class ExperimentConfig(_Section):
                 f"sampling.flow_noise_level={sampling.flow_noise_level}: with sampling.flow_sde=cps the fresh "
                 "noise share is sin(a pi / 2), so a must lie in [0, 1]"
             )
+        last = sampling.num_steps - 1
+        if kind in ("sd3", "flux", "tiny_sd3", "tiny_flux") and sampling.flow_sde == "cps" and _reaches(sampling, last):
+            raise ValueError(
+                f"sampling.sde_steps / sde_window: with sampling.flow_sde=cps the last step ({last}) is deterministic "
+                "(s' = 0), so a window that can reach it would train fewer steps in some iterations; keep the "
+                f"stochastic steps below it (sde_window_end <= {last})"
+            )
         return self
+
+
+def _reaches(sampling, step: int) -> bool:
+    """Whether a configured set of stochastic steps (sde_steps or a window; not all steps) can include `step`."""
+    if sampling.sde_steps is not None:
+        return step in sampling.sde_steps
+    if sampling.sde_window is None:
+        return False
+    if sampling.sde_window_placement == "fixed":
+        return sampling.sde_window_start + sampling.sde_window > step
+    end = sampling.sde_window_end if sampling.sde_window_end is not None else sampling.num_steps
+    return end > step
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,5 +13,8 @@ def test_bench_sampler_and_weights_smoke(tmp_path):
     for name in ("embedded", "tiny_sd"):
         r = report["sampler"][name]["ratio"]
         assert r["low"] <= r["median"] <= r["high"] and r["median"] > 0
+    flow = report["sampler"]["tiny_sd3_flow"]
+    assert flow["ratio_is"] == "images/s" and flow["ratio"]["median"] > 0 and flow["images_per_s"] > 0
     assert report["weights"]["embedded"]["MB"] > 6  # the 1.7 M-parameter UNet in fp32
-    assert "| sampler, embedded" in (out / "bench.md").read_text()
+    md = (out / "bench.md").read_text()
+    assert "| sampler, embedded" in md and "| sampler, tiny_sd3_flow, images/s ratio: higher is faster" in md

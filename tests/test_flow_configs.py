@@ -58,11 +58,22 @@ def test_config_show_prints_a_flow_config_with_a_local_path():
         ({"sampling": {"flow_sde": "cps", "flow_noise_level": 1.5}}, "sampling.flow_noise_level"),
         ({"sampling": {"flow_sde": "ode"}}, "sampling.flow_sde"),
         ({"sampling": {"flow_noise_level": -0.1}}, "sampling.flow_noise_level"),
+        ({"model": {"kind": "tiny_flux"}, "sampling": {"num_steps": 6, "flow_sde": "cps", "sde_window": 2,
+                                                        "sde_window_placement": "sliding"}}, "sde_window_end <= 5"),
+        ({"model": {"kind": "tiny_sd3"}, "sampling": {"num_steps": 6, "flow_sde": "cps", "sde_steps": [1, 5]}},
+         "sampling.sde_steps"),
     ],
 )
 def test_bad_flow_settings_name_the_key(data, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config_from_dict(data)
+
+
+def test_a_cps_window_below_the_last_step_is_accepted():
+    cfg = config_from_dict({"model": {"kind": "tiny_flux"}, "sampling": {
+        "num_steps": 6, "flow_sde": "cps", "sde_window": 2, "sde_window_placement": "sliding", "sde_window_end": 5}})
+    assert cfg.sampling.sde_window_end == 5
+    config_from_dict({"model": {"kind": "tiny_sd3"}, "sampling": {"num_steps": 6, "flow_sde": "cps", "sde_window": 2}})
 
 
 def test_a_local_folder_of_another_pipeline_is_refused_before_any_actor(tmp_path):
@@ -81,3 +92,17 @@ def test_a_local_folder_of_another_pipeline_is_refused_before_any_actor(tmp_path
     shutil.rmtree(folder / "vae")
     with pytest.raises(ConfigError, match=r"component folder vae/ is missing"):
         validate_inputs(cfg)
+
+
+def test_the_cli_refuses_a_folder_it_cannot_drive_before_ray_starts(tmp_path):
+    """`loop-ray train` on an SD3.5 config pointed at a FLUX folder: exit 2, the folder and the pipeline
+    named, no Ray session and no run folder (the checks of tests/test_bad_input.py)."""
+    from test_bad_input import _assert_refused, _train
+
+    from loop_ray.diffusion.flow_loading import save_flow_pipeline
+    from loop_ray.diffusion.flow_models import tiny_flux_components
+
+    folder = save_flow_pipeline(tiny_flux_components(), tmp_path / "flux-weights")
+    config = REPO / "configs" / "flow" / "sd35m_color_loop.yaml"
+    err = _assert_refused(_train(tmp_path, config, f"model.path={folder}"), tmp_path, "model.path", str(folder))
+    assert "names the pipeline 'FluxPipeline'; model.kind=sd3 drives StableDiffusion3Pipeline" in err

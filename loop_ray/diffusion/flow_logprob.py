@@ -111,6 +111,7 @@ def flow_step_with_logprob(
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     *,
+    noise: torch.Tensor | None = None,
     sde: str = "sde",
     reduce: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,8 +122,8 @@ def flow_step_with_logprob(
     sigmas: the scheduler's noise levels after `set_timesteps`, [T + 1] ending in 0 (shift applied).
     step_index: j, an int or a [B] tensor; the step goes from sigmas[j] to sigmas[j + 1].
     noise_level: a, a number or a [B] tensor (a row with a = 0 takes the deterministic ODE step).
-    prev_sample: the x_{s'} to score; None draws x_{s'} = mu + std z with z from `generator` (one
-        generator, or a list of one per row, see `logprob.draw_noise`).
+    prev_sample: the x_{s'} to score; None draws x_{s'} = mu + std z with z given as `noise` or drawn
+        from `generator` (one generator, or a list of one per row, see `logprob.draw_noise`).
     sde: "sde" (Flow-GRPO) or "cps" (Flow-CPS).
     reduce: "mean" over all non-batch dimensions (DDPO's and Flow-GRPO's convention) or "sum".
 
@@ -144,7 +145,7 @@ def flow_step_with_logprob(
     )
     mu = c_x * x + c_v * v
     if prev_sample is None:
-        z = draw_noise(x.shape, generator, device, dtype)
+        z = draw_noise(x.shape, generator, device, dtype) if noise is None else noise.to(device, dtype)
         prev_sample = mu + std * z
     prev_sample = prev_sample.detach().to(dtype)
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 FLOW_KINDS = ("sd3", "flux")
+TINY_RESOLUTION = 16  # the tiny stacks' default image side: 8 x 8 latents through a 2-block VAE
 PIPELINE_CLASSES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 
 # LoRA targets on the transformer (peft matches module-name suffixes). SD3: Flow-GRPO's list for

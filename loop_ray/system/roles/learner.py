@@ -112,7 +112,8 @@ class LearnerWorker:
             torch.save(self.policy.trainable_state_dict(), folder_path / "trainable.pt")
             from loop_ray.diffusion.stable_diffusion import plain_unet
 
-            plain_unet(self.policy.unet).save_pretrained(folder_path / "unet")  # diffusers format
+            name = getattr(self.policy, "network_name", "unet")  # a flow policy's is "transformer"
+            plain_unet(self.policy.unet).save_pretrained(folder_path / name)  # diffusers format
 
     def load_checkpoint(self, folder: str, tag: str) -> str:
         """Restore module and optimizer state from a checkpoint (collective); returns the weights'
