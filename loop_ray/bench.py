@@ -6,7 +6,9 @@ ours for the same work): above 1 loop-ray is faster, below 1 slower. Each figure
   sampler      loop-ray's policy sampling (log-probs and every latent stored) against diffusers' own
                sampling on the same weights, steps, batch and guidance: StableDiffusionPipeline for
                the tiny SD-shaped stack; for the pixel-space embedded model, which has no diffusers
-               pipeline class, the loop a pipeline runs (UNet with CFG + DDIMScheduler.step)
+               pipeline class, the loop a pipeline runs (UNet with CFG + DDIMScheduler.step); and the
+               flow policy on a tiny SD3 stack against StableDiffusion3Pipeline (that row's ratio is
+               images/s, higher is faster; the others' are seconds)
   learner      one learner phase (update_on_shard through DeepSpeed: clipped IS loss, accumulation,
                clipping, AdamW) against the bare forward+backward passes it must do
   end_to_end   one iteration of the Ray system (sync, then async) against the same iteration's parts
@@ -112,7 +114,30 @@ def bench_sampler(repeats: int, batch: int, steps: int, guidance: float) -> dict
                              width=size, generator=torch.Generator().manual_seed(0), output_type="np"), repeats)
     out["tiny_sd"] = {"loop_ray": ours, "diffusers_pipeline": ref, "throughput_ratio": throughput_ratio(ours, ref),
                       "images_per_s": batch / ours["median_s"], "batch": batch, "steps": steps}
+    out["tiny_sd3_flow"] = bench_flow_sampler(repeats, batch, steps)
     return out
+
+
+def bench_flow_sampler(repeats: int, batch: int, steps: int, guidance: float = 4.5) -> dict:
+    """The flow policy (Flow-GRPO's SDE, a = 0.7, every latent and log-prob stored) against a bare
+    diffusers StableDiffusion3Pipeline on the same tiny SD3 weights, steps, batch, CFG and T5 length.
+    The throughput ratio is images/s of loop-ray over images/s of diffusers: higher is faster."""
+    from loop_ray.diffusion.flow_models import TINY_RESOLUTION, pipeline_class, tiny_sd3_components
+    from loop_ray.diffusion.flow_policy import FlowPolicy
+
+    prompts = ["a red circle and a blue square"] * batch
+    comps = tiny_sd3_components(0)
+    policy = FlowPolicy(comps, num_steps=steps, guidance_scale=guidance, noise_level=0.7, resolution=TINY_RESOLUTION,
+                        max_sequence_length=8)
+    pipe = pipeline_class("sd3")(**comps.pipeline_modules())
+    pipe.set_progress_bar_config(disable=True)
+    seeds = list(range(batch))
+    ours = timed(lambda: policy.sample(prompts, 1, seeds, batch_size=batch), repeats)
+    ref = timed(lambda: pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=TINY_RESOLUTION,
+                             width=TINY_RESOLUTION, max_sequence_length=8, output_type="np",
+                             generator=torch.Generator().manual_seed(0)), repeats)
+    return {"loop_ray": ours, "diffusers_pipeline": ref, "throughput_ratio": throughput_ratio(ours, ref),
+            "images_per_s": batch / ours["median_s"], "batch": batch, "steps": steps}
 
 
 # ------------------------------------------------------------------------------------------ learner

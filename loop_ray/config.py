@@ -26,9 +26,10 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """The denoiser stack. `kind`: `toy` (the embedded model), `stable_diffusion` (diffusers folder
     or a Hugging Face id from the local cache) or `tiny_sd` (a randomly initialised SD-shaped stack,
-    for tests and benchmarks)."""
+    for tests and benchmarks); the flow-matching models `sd3` (SD3 / SD3.5), `flux` (FLUX.1) and their
+    random tiny stacks `tiny_sd3`, `tiny_flux`."""
 
-    kind: Literal["toy", "stable_diffusion", "tiny_sd"] = "toy"
+    kind: Literal["toy", "stable_diffusion", "tiny_sd", "sd3", "flux", "tiny_sd3", "tiny_flux"] = "toy"
     path: str | None = None  # None with kind=toy means the committed embedded checkpoint
     revision: str | None = None
     lora_rank: int = Field(0, ge=0)  # 0 = train the full UNet; >0 = peft LoRA adapters of this rank
@@ -39,6 +40,9 @@ class ModelConfig(_Section):
     trainable: Literal["all", "cross_attention"] = "all"
     freeze: list[str] = Field(default_factory=list)
     seed: int = 0  # init seed of kind=tiny_sd
+
+    # --- flow-matching models (kind sd3 / flux / tiny_sd3 / tiny_flux; loop_ray/diffusion/flow_*.py) ---
+    max_sequence_length: int | None = Field(None, ge=1)  # T5 tokens; None = the pipeline's (SD3 256, FLUX 512)
 
 
 class SamplingConfig(_Section):
@@ -61,6 +65,11 @@ class SamplingConfig(_Section):
     # paper), branch (shared initial noise and deterministic prefix, parting at the first stochastic
     # step), shared (every step stochastic, only the sde steps' noise differs within a group)
     group_noise: Literal["independent", "branch", "shared"] = "independent"
+
+    # --- flow-matching models (loop_ray/diffusion/flow_logprob.py); eta is the DDIM models' ---
+    flow_sde: Literal["sde", "cps"] = "sde"  # Flow-GRPO's SDE step, or Flow-CPS's coefficient-preserving one
+    flow_noise_level: float = Field(0.7, ge=0.0)  # a: sigma_s = a sqrt(s / (1 - s)) (sde), sin(a pi / 2) (cps)
+    flow_resolution: int | None = Field(None, ge=8)  # image side in pixels; None = the model's default
 
 
 class PromptsConfig(_Section):
@@ -210,6 +219,38 @@ class ExperimentConfig(_Section):
         if self.model.kind == "stable_diffusion" and not self.model.path:
             raise ValueError("model.path is required with model.kind=stable_diffusion")
         return self
+
+    @model_validator(mode="after")
+    def _check_flow(self) -> ExperimentConfig:
+        """Flow-matching models: a path for the real ones, a CPS noise level within [0, 1]."""
+        kind, sampling = self.model.kind, self.sampling
+        if kind in ("sd3", "flux") and not self.model.path:
+            raise ValueError(f"model.path is required with model.kind={kind} (a diffusers folder or a cached id)")
+        if sampling.flow_sde == "cps" and sampling.flow_noise_level > 1:
+            raise ValueError(
+                f"sampling.flow_noise_level={sampling.flow_noise_level}: with sampling.flow_sde=cps the fresh "
+                "noise share is sin(a pi / 2), so a must lie in [0, 1]"
+            )
+        last = sampling.num_steps - 1
+        if kind in ("sd3", "flux", "tiny_sd3", "tiny_flux") and sampling.flow_sde == "cps" and _reaches(sampling, last):
+            raise ValueError(
+                f"sampling.sde_steps / sde_window: with sampling.flow_sde=cps the last step ({last}) is deterministic "
+                "(s' = 0), so a window that can reach it would train fewer steps in some iterations; keep the "
+                f"stochastic steps below it (sde_window_end <= {last})"
+            )
+        return self
+
+
+def _reaches(sampling, step: int) -> bool:
+    """Whether a configured set of stochastic steps (sde_steps or a window; not all steps) can include `step`."""
+    if sampling.sde_steps is not None:
+        return step in sampling.sde_steps
+    if sampling.sde_window is None:
+        return False
+    if sampling.sde_window_placement == "fixed":
+        return sampling.sde_window_start + sampling.sde_window > step
+    end = sampling.sde_window_end if sampling.sde_window_end is not None else sampling.num_steps
+    return end > step
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ class TrajectoryBatch:
     group_ids: torch.Tensor  # [B] long: samples of one prompt in one iteration share it
     seeds: torch.Tensor  # [B] long: the per-sample seed of x_T and the step noise (a group's first seed for shared noise)
     prompt_embeds: torch.Tensor  # [B, L, D] text-encoder states of the prompt
-    negative_embeds: torch.Tensor  # [B, L, D] text-encoder states of the empty prompt (CFG)
     latents: torch.Tensor  # [B, T+1, C, H, W]: x_T ... x_0 (latents[:, j] is the input of step j)
     timesteps: torch.Tensor  # [B, T]: the scheduler timestep of step j
     log_probs: torch.Tensor  # [B, T] float32: logp_old of x_{j+1} given x_j under the behaviour policy
@@ -28,9 +27,13 @@ class TrajectoryBatch:
     rewards: torch.Tensor | None = None  # [B] float32, after scoring
     advantages: torch.Tensor | None = None  # [B] float32, after the advantage estimator
     sde_mask: torch.Tensor | None = None  # [B, T] bool: the stochastic steps (None: all); only they train
+    # [B, L, D] text-encoder states of the empty prompt (two-pass CFG); None without it (FLUX.1-dev)
+    negative_embeds: torch.Tensor | None = None
+    pooled_embeds: torch.Tensor | None = None  # [B, P] pooled text embedding (SD3, FLUX); None for SD
+    negative_pooled_embeds: torch.Tensor | None = None  # [B, P] the empty prompt's (SD3 with CFG)
 
     # the fields a policy's network is conditioned on (PolicyBase._conditioning / log_prob)
-    CONDITIONING = ("prompt_embeds", "negative_embeds")
+    CONDITIONING = ("prompt_embeds", "negative_embeds", "pooled_embeds", "negative_pooled_embeds")
 
     def conditioning(self) -> dict[str, torch.Tensor]:
         """The conditioning tensors of the batch, by field name (absent optional ones left out)."""

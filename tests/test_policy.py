@@ -263,7 +263,7 @@ def test_build_policy_dispatches_on_the_config(monkeypatch):
     )
     calls = []
     fake_lora = types.ModuleType("loop_ray.diffusion.lora")
-    fake_lora.add_lora = lambda unet, rank, alpha: calls.append((type(unet).__name__, rank, alpha))
+    fake_lora.add_lora = lambda unet, rank, alpha, **kw: calls.append((type(unet).__name__, rank, alpha))
     monkeypatch.setitem(sys.modules, "loop_ray.diffusion.lora", fake_lora)
     built = build_policy(cfg)
     assert calls == [("UNet2DConditionModel", 4, 4)]

@@ -34,3 +34,18 @@ def test_select_and_concat():
     assert len(both.select(slice(1, 3))) == 2
     a.rewards, b.rewards = torch.ones(4), torch.zeros(2)
     torch.testing.assert_close(TrajectoryBatch.concat([a, b]).rewards, torch.tensor([1.0] * 4 + [0.0] * 2))
+
+
+def test_optional_conditioning_fields_travel_with_the_batch():
+    """pooled_embeds (SD3, FLUX) go through select / concat / to; a batch without negative_embeds
+    (FLUX.1-dev: no two-pass CFG) keeps None and leaves it out of its conditioning."""
+    a, b = _batch(4, version=1), _batch(2, version=1, offset=4)
+    a.pooled_embeds, b.pooled_embeds = torch.randn(4, 6), torch.randn(2, 6)
+    both = TrajectoryBatch.concat([a, b])
+    torch.testing.assert_close(both.select([4, 1]).pooled_embeds, torch.stack([b.pooled_embeds[0], a.pooled_embeds[1]]))
+    assert both.to("cpu").pooled_embeds.shape == (6, 6) and both.negative_pooled_embeds is None
+    assert set(both.conditioning()) == {"prompt_embeds", "negative_embeds", "pooled_embeds"}
+    a.negative_embeds = b.negative_embeds = None
+    flux_like = TrajectoryBatch.concat([a, b])
+    assert flux_like.negative_embeds is None and set(flux_like.conditioning()) == {"prompt_embeds", "pooled_embeds"}
+    assert flux_like.select([0]).negative_embeds is None

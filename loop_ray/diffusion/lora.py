@@ -25,9 +25,12 @@ def add_lora(
     target_modules: tuple[str, ...] = LORA_TARGETS,
     dropout: float = 0.0,
     adapter_name: str = "default",
+    seed: int = 0,
 ) -> torch.nn.Module:
     """Freeze `unet` and add rank-`rank` LoRA adapters (scale alpha / rank, alpha defaults to rank)
-    on `target_modules`; returns the same module, whose only trainable parameters are the adapters."""
+    on `target_modules`; returns the same module, whose only trainable parameters are the adapters.
+    The Gaussian A matrices are drawn from torch seed `seed` (the caller's RNG is left as it was), so
+    every process that builds the policy (samplers, learner ranks, a resumed run) gets the same ones."""
     from peft import LoraConfig
 
     if int(rank) < 1:
@@ -42,7 +45,9 @@ def add_lora(
         init_lora_weights="gaussian",
         target_modules=list(target_modules),
     )
-    unet.add_adapter(config, adapter_name=adapter_name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(config, adapter_name=adapter_name)
     trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(f"no module of the UNet matched the LoRA targets {list(target_modules)}")

@@ -15,8 +15,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from loop_ray.diffusion.components import Components
 from loop_ray.diffusion.policy import DiffusionPolicy
+from loop_ray.diffusion.policy_base import PolicyBase
 
 SAMPLE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FLOW_MODEL_KINDS = ("sd3", "flux", "tiny_sd3", "tiny_flux")  # built by loop_ray.diffusion.flow_policy
 
 # Whole-word tokens of the tiny tokenizer; any other text still tokenizes, byte by byte.
 _TINY_WORDS = [
@@ -144,10 +146,15 @@ def tiny_sd_components(
     return Components(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, vae=vae)
 
 
-def build_policy(cfg, device: str | torch.device = "cpu") -> DiffusionPolicy:
-    """The DiffusionPolicy of an ExperimentConfig: model stack by `cfg.model.kind`, LoRA adapters if
-    `cfg.model.lora_rank > 0`, sampling settings from `cfg.sampling`."""
+def build_policy(cfg, device: str | torch.device = "cpu") -> PolicyBase:
+    """The policy of an ExperimentConfig: model stack by `cfg.model.kind` (a flow kind gives a
+    FlowPolicy, the others a DiffusionPolicy), LoRA adapters if `cfg.model.lora_rank > 0`, sampling
+    settings from `cfg.sampling`."""
     kind = cfg.model.kind
+    if kind in FLOW_MODEL_KINDS:
+        from loop_ray.diffusion.flow_policy import build_flow_policy
+
+        return build_flow_policy(cfg, device)
     if kind == "tiny_sd":
         components = tiny_sd_components(cfg.model.seed)
     elif kind == "toy":
@@ -159,12 +166,12 @@ def build_policy(cfg, device: str | torch.device = "cpu") -> DiffusionPolicy:
 
         components = load_components(cfg.model.path, revision=cfg.model.revision)
     else:
-        raise ValueError(f"model.kind={kind!r}: expected toy, stable_diffusion or tiny_sd")
+        raise ValueError(f"model.kind={kind!r}: expected toy, stable_diffusion, tiny_sd or a flow kind {FLOW_MODEL_KINDS}")
     if cfg.model.lora_rank > 0:
         from loop_ray.diffusion.lora import add_lora
 
         alpha = cfg.model.lora_alpha if cfg.model.lora_alpha is not None else cfg.model.lora_rank
-        add_lora(components.unet, cfg.model.lora_rank, alpha)
+        add_lora(components.unet, cfg.model.lora_rank, alpha, seed=cfg.seed)
     elif cfg.model.trainable != "all" or cfg.model.freeze:
         from loop_ray.diffusion.trainable import select_trainable
 

@@ -87,17 +87,16 @@ def load_components(path_or_id: str, revision: str | None = None, dtype: str | t
 
 
 def plain_unet(unet: torch.nn.Module) -> torch.nn.Module:
-    """The UNet to save: the module itself without adapters, or an adapter-free copy with the LoRA
-    updates merged into its weights (built on the CPU; the live module is left untouched)."""
-    from diffusers import UNet2DConditionModel
-
+    """The UNet (or any diffusers model: an SD3 / FLUX transformer) to save: the module itself without
+    adapters, or an adapter-free copy of its class with the LoRA updates merged into its weights (built
+    on the CPU; the live module is left untouched)."""
     from loop_ray.diffusion.lora import has_lora, merged_state_dict
 
     unet = getattr(unet, "module", unet)  # a DeepSpeed engine / DDP wrapper
     unet = getattr(unet, "_orig_mod", unet)  # torch.compile
     if not has_lora(unet):
         return unet
-    plain = UNet2DConditionModel.from_config(unet.config)
+    plain = type(unet).from_config(unet.config)
     plain.load_state_dict(merged_state_dict(unet), strict=True, assign=True)  # keeps the weights' dtype
     return plain
 

@@ -120,8 +120,9 @@ class LearnerWorker:
             written["trainable.pt"] = write_hashed(folder_path / "trainable.pt", lambda f: torch.save(state, f))
             from loop_ray.diffusion.stable_diffusion import plain_unet
 
-            plain_unet(self.policy.unet).save_pretrained(folder_path / "unet")  # diffusers format
-            for p in sorted((folder_path / "unet").rglob("*")):
+            name = getattr(self.policy, "network_name", "unet")  # a flow policy's is "transformer"
+            plain_unet(self.policy.unet).save_pretrained(folder_path / name)  # diffusers format
+            for p in sorted((folder_path / name).rglob("*")):
                 if p.is_file():
                     written[p.relative_to(folder_path).as_posix()] = hash_file(p)
         return written

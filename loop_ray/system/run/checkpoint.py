@@ -11,7 +11,8 @@ A crash therefore never leaves a half checkpoint under a final name, and a final
 no longer match its manifest (truncated, edited, partly deleted) is refused by `verify_checkpoint`
 with a message naming it; `latest_good_checkpoint` then falls back to the previous one. Layout:
 
-  unet/               the trained UNet in diffusers format (LoRA merged): UNet2DConditionModel.from_pretrained
+  unet/               the trained UNet in diffusers format (LoRA merged): UNet2DConditionModel.from_pretrained;
+                      transformer/ instead for a flow model (SD3Transformer2DModel / FluxTransformer2DModel)
   trainable.pt        the policy's trainable state dict (learner rank 0)
   deepspeed/<tag>/    DeepSpeed's checkpoint: module, optimizer state (every rank's ZeRO partition)
   driver_state.json   iteration, policy version, images seen, stat-tracker state, RNG states,

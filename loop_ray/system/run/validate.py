@@ -63,6 +63,29 @@ def _check_model(cfg: ExperimentConfig) -> None:
             resolve_model_folder(path, cfg.model.revision)
         except (OSError, ValueError) as err:
             raise ConfigError(f"model.path: {err}") from None
+    if kind in ("sd3", "flux") and path:
+        _check_flow_model(cfg)
+
+
+def _check_flow_model(cfg: ExperimentConfig) -> None:
+    """An SD3 / FLUX folder: the pipeline class its model_index.json names, every component folder and a
+    flow-matching scheduler. A Hugging Face id is checked when the driver's cache holds it."""
+    from loop_ray.diffusion.flow_loading import check_flow_folder, resolve_flow_folder
+
+    kind, path = cfg.model.kind, cfg.model.path
+    try:
+        if path.startswith((".", "/", "~")):
+            resolve_flow_folder(path, kind, cfg.model.revision)
+            return
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = snapshot_download(path, revision=cfg.model.revision, local_files_only=True)
+        except Exception:  # noqa: BLE001 - not cached here: the nodes resolve it from their own caches
+            return
+        check_flow_folder(folder, kind)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.path: {err}") from None
 
 
 def _check_learner(cfg: ExperimentConfig) -> None:
