@@ -157,9 +157,18 @@ class EvalConfig(_Section):
     grid_prompts: int = Field(8, ge=0)  # prompts shown in the eval image grid
 
 
+class WandbConfig(_Section):
+    """Weights & Biases logging beside TensorBoard (needs the `wandb` extra)."""
+
+    project: str
+    entity: str | None = None
+    mode: Literal["online", "offline", "disabled"] = "online"
+
+
 class LoggingConfig(_Section):
     tensorboard: bool = True
     progress_bar: bool = True
+    wandb: WandbConfig | None = None  # None: no W&B
 
 
 class CheckpointConfig(_Section):

@@ -169,8 +169,13 @@ def test_training_run_with_an_http_term_and_a_runtime_env_term(ray_session, hidd
                                                                capsys, caplog):
     """Both kinds of term in one `loop-ray train`: every planned group is learned from, every image
     is scored by the server exactly once (one call failed and was retried), and the token is
-    nowhere in the run folder, the output or the Ray session's logs."""
+    nowhere in the run folder (W&B's offline files in it included), the output or the Ray
+    session's logs."""
     monkeypatch.setenv("LOOP_TEST_SCORER_TOKEN", TOKEN)
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)  # W&B's files into the run folder
     with ScoringServer(token=TOKEN, plan=["500"]) as server:
         terms = [{"name": "http", "kwargs": {"url": server.url, "token_env": "LOOP_TEST_SCORER_TOKEN",
                                              "backoff": 0.0}},
@@ -178,9 +183,10 @@ def test_training_run_with_an_http_term_and_a_runtime_env_term(ray_session, hidd
         args = ["--config", "configs/debug.yaml", "--set", f"output_dir={tmp_path / 'runs'}",
                 "--set", f"reward.terms={json.dumps(terms)}", "--set", "iterations=2",
                 "--set", "eval.max_prompts=1", "--set", "eval.images_per_prompt=1",
-                "--set", "logging.tensorboard=false"]
+                "--set", "logging.tensorboard=false", "--set", "logging.wandb={project: t, mode: offline}"]
         assert main(args) == 0
     (run,) = (tmp_path / "runs").iterdir()
+    assert list(run.glob("wandb/offline-run-*/run-*.wandb"))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     assert [r["train/samples_learned"] for r in train] == [8, 8] and all(r["train/failed_calls"] == 0 for r in train)

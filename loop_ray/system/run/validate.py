@@ -73,6 +73,15 @@ def _check_rewards(cfg: ExperimentConfig) -> None:
                     raise ConfigError(str(err)) from None
 
 
+def _check_logging(cfg: ExperimentConfig) -> None:
+    """logging.wandb needs the wandb package (the `wandb` extra); without logging.wandb it is
+    never imported."""
+    if cfg.logging.wandb is not None:
+        from loop_ray.system.run.wandb_logger import import_wandb
+
+        import_wandb()
+
+
 def _check_model(cfg: ExperimentConfig) -> None:
     """The model folder is complete, as the actors' loaders will want it. A Stable Diffusion path
     that looks local (./, /, ~) is checked here; anything else may be a Hugging Face id, resolved
@@ -115,6 +124,7 @@ def validate_inputs(cfg: ExperimentConfig) -> tuple[PromptSet, PromptSet]:
     """Run every check; returns the (train, val) prompt sets."""
     train_set, val_set = _prompts(cfg, "train"), _prompts(cfg, "val")
     _check_rewards(cfg)
+    _check_logging(cfg)
     _check_model(cfg)
     _check_learner(cfg)
     return train_set, val_set
