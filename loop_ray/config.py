@@ -80,15 +80,49 @@ class PromptsConfig(_Section):
     val: str = "toy:val"
 
 
+class RuntimeEnvConfig(_Section):
+    """A Ray runtime environment for reward actors (Ray's `runtime_env`), so a reward's
+    dependencies live only there: `pip` packages installed into a virtualenv on top of the node's
+    Python, `py_modules` (local package folders or .whl/.zip files, uploaded by the driver, or
+    URIs), a `working_dir` (local folder or URI; it replaces the job's working_dir in these
+    actors), `env_vars` (written to the run's config.yaml: never put secrets here), or a container
+    `image_uri` (which Ray allows only with `env_vars`)."""
+
+    pip: list[str] | None = None
+    py_modules: list[str] | None = None
+    working_dir: str | None = None
+    excludes: list[str] | None = None  # paths left out of the uploaded working_dir / py_modules
+    env_vars: dict[str, str] | None = None
+    image_uri: str | None = None
+
+    @model_validator(mode="after")
+    def _check_image_uri(self) -> RuntimeEnvConfig:
+        if self.image_uri is not None:
+            others = [k for k in ("pip", "py_modules", "working_dir", "excludes") if getattr(self, k) is not None]
+            if others:
+                raise ValueError(f"image_uri can be combined only with env_vars in a Ray runtime_env, not {others}")
+        return self
+
+    def to_ray(self) -> dict[str, Any]:
+        """The runtime_env dict Ray takes (local paths not yet uploaded)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
 class RewardTerm(_Section):
+    """One term of the weighted reward sum. With `runtime_env`, the term is scored by reward actors
+    of its own started in that environment (terms with equal runtime_envs share them); the other
+    terms are scored together by the shared reward actors."""
+
     name: str
     weight: float = 1.0
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    runtime_env: RuntimeEnvConfig | None = None
 
 
 class RewardConfig(_Section):
     terms: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="toy_binding")], min_length=1)
     batch_size: int = Field(32, ge=1)  # images per reward call
+    runtime_env: RuntimeEnvConfig | None = None  # of the shared reward actors (terms without their own)
 
 
 class AlgorithmConfig(_Section):
@@ -152,9 +186,18 @@ class EvalConfig(_Section):
     grid_prompts: int = Field(8, ge=0)  # prompts shown in the eval image grid
 
 
+class WandbConfig(_Section):
+    """Weights & Biases logging beside TensorBoard (needs the `wandb` extra)."""
+
+    project: str
+    entity: str | None = None
+    mode: Literal["online", "offline", "disabled"] = "online"
+
+
 class LoggingConfig(_Section):
     tensorboard: bool = True
     progress_bar: bool = True
+    wandb: WandbConfig | None = None  # None: no W&B
 
 
 class CheckpointConfig(_Section):

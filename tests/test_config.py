@@ -108,3 +108,29 @@ def test_preset_given_by_override_still_applies(tmp_path):
     cfg = load_config(_write(tmp_path, {"sampling": {"prompts_per_iteration": 4}}),
                       ["algorithm.preset=ppo", "algorithm.clip_eps=1e-3"])
     assert cfg.sampling.k == 1 and cfg.algorithm.advantage == "stat_tracker" and cfg.algorithm.clip_eps == 1e-3
+
+
+@pytest.mark.parametrize(
+    "term, message",
+    [
+        ({"name": "a:b", "runtime_env": {"image_uri": "img:1", "pip": ["x"]}},
+         "reward.terms.0.runtime_env: image_uri can be combined only with env_vars"),
+        ({"name": "a:b", "runtime_env": {"env_vars": {"N": 1}}}, "reward.terms.0.runtime_env.env_vars.N"),
+        ({"name": "a:b", "runtime_env": {"conda": "env"}}, "reward.terms.0.runtime_env.conda: unknown key"),
+        ({"name": "a:b", "runtime_env": {"pip": "torch"}}, "reward.terms.0.runtime_env.pip"),
+    ],
+)
+def test_bad_runtime_env_names_the_key(tmp_path, term, message):
+    path = _write(tmp_path, {"reward": {"terms": [term]}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_runtime_env_in_yaml_and_by_override(tmp_path):
+    path = _write(tmp_path, {"reward": {"terms": [{"name": "a:b", "runtime_env": {"pip": ["x==1"]}}],
+                                        "runtime_env": {"env_vars": {"HF_HOME": "/m"}}}})
+    cfg = load_config(path, ["reward.terms.0.runtime_env.env_vars.K=v"])
+    assert cfg.reward.terms[0].runtime_env.to_ray() == {"pip": ["x==1"], "env_vars": {"K": "v"}}
+    assert cfg.reward.runtime_env.to_ray() == {"env_vars": {"HF_HOME": "/m"}}
+    assert config_from_dict({}).reward.terms[0].runtime_env is None

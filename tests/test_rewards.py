@@ -50,7 +50,7 @@ def _batch_equivalent(reward, images, prompts, model=None, gain=1.0):
 
 def test_all_rewards_registered():
     names = available_rewards()
-    for name in ("jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "clip_score", "blip_vqa"):
+    for name in ("jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "clip_score", "blip_vqa", "http"):
         assert name in names
 
 
@@ -435,3 +435,72 @@ def test_reward_by_import_path_builder_or_reward_itself():
     ]:
         with pytest.raises(error, match=re.escape(message)):
             load_import_path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Terms in their own Ray runtime environment: which actors score which terms, and the sum
+
+
+def test_term_groups_split_terms_by_runtime_env():
+    from loop_ray.config import config_from_dict
+    from loop_ray.rewards.composite import term_groups
+
+    env_a = {"py_modules": ["/x/a"], "env_vars": {"K": "1"}}
+    reward = config_from_dict({"reward": {"terms": [
+        {"name": "toy_binding"},
+        {"name": "pkg_a:score", "runtime_env": env_a},
+        {"name": "jpeg_compressibility"},
+        {"name": "http", "runtime_env": {"env_vars": {"K": "2"}}},
+        {"name": "pkg_b:score", "runtime_env": {"env_vars": {"K": "1"}, "py_modules": ["/x/a"]}},  # = env_a
+    ], "runtime_env": {"env_vars": {"HF_HOME": "/m"}}}}).reward
+    groups = term_groups(reward)
+    assert [(g.terms, g.shared) for g in groups] == [((0, 2), True), ((1, 4), False), ((3,), False)]
+    assert groups[0].runtime_env.to_ray() == {"env_vars": {"HF_HOME": "/m"}}  # reward.runtime_env
+    assert groups[1].runtime_env.to_ray() == env_a
+    assert groups[2].describe(reward) == "reward.terms.3 (http)"
+
+    only_own = config_from_dict({"reward": {"terms": [{"name": "a:b", "runtime_env": env_a}]}}).reward
+    assert [(g.terms, g.shared) for g in term_groups(only_own)] == [((0,), False)]  # no shared actors
+    plain = config_from_dict({}).reward
+    assert [(g.terms, g.shared, g.runtime_env) for g in term_groups(plain)] == [((0,), True, None)]
+
+
+def test_combine_scores_adds_the_groups_up():
+    from loop_ray.rewards.composite import combine_scores
+
+    def result(rewards, parts, problems=(), seconds=1.0, rank=0):
+        return {"rank": rank, "start": 8, "images": 3, "rewards": np.asarray(rewards, np.float32),
+                "parts": parts, "problems": list(problems), "seconds": seconds}
+
+    shared = result([1.0, 2.0, 3.0], {"a": np.ones(3, np.float32)}, seconds=2.0)
+    own = result([0.5, np.nan, 0.25], {"b": np.zeros(3, np.float32)}, ["term 'b' returned NaN"], seconds=5.0, rank=1)
+    out = combine_scores([shared, own])
+    np.testing.assert_array_equal(out["rewards"], np.array([1.5, np.nan, 3.25], np.float32))
+    assert out["parts"].keys() == {"a", "b"} and out["problems"] == ["term 'b' returned NaN"]
+    assert (out["start"], out["images"], out["rank"], out["seconds"]) == (8, 3, 0, 5.0)
+    with pytest.raises(ValueError, match="results of different chunks"):
+        combine_scores([shared, {**own, "start": 0}])
+
+
+def test_actor_options_merge_a_users_runtime_env():
+    from loop_ray.system.launch.cluster import RoleResources, actor_options
+
+    res = RoleResources(0.5, 0.0, {})
+    plain = actor_options(res, 2)["runtime_env"]
+    assert plain == {"env_vars": {**plain["env_vars"]}} and plain["env_vars"]["OMP_NUM_THREADS"] == "2"
+    env = actor_options(res, 2, runtime_env={"pip": ["x==1"], "env_vars": {"OMP_NUM_THREADS": "4", "K": "v"}})
+    assert env["runtime_env"]["pip"] == ["x==1"]
+    assert env["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "4"  # the user's value wins
+    assert env["runtime_env"]["env_vars"]["K"] == "v" and env["runtime_env"]["env_vars"]["DS_ACCELERATOR"] == "cpu"
+
+
+def test_error_summary_takes_the_line_that_says_what_went_wrong():
+    from loop_ray.system.launch.launch import error_summary
+
+    err = RuntimeError("The actor died because of an error raised in its creation task\n  File x, line 3\n"
+                       "ModuleNotFoundError: No module named 'a'\n\nDuring handling...\n"
+                       "ImportError: reward 'a:b': cannot import 'a': No module named 'a'\n")
+    assert error_summary(err) == "ImportError: reward 'a:b': cannot import 'a': No module named 'a'"
+    assert error_summary(RuntimeError("Failed to set up runtime environment.\nmore")) == (
+        "Failed to set up runtime environment.")
+    assert len(error_summary(RuntimeError("ValueError: " + "x" * 1000))) == 300

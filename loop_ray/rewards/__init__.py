@@ -36,6 +36,7 @@ REWARD_MODULES = (
     "loop_ray.rewards.aesthetic",
     "loop_ray.rewards.clip_score",
     "loop_ray.rewards.blip_vqa",
+    "loop_ray.rewards.http",
 )
 
 
@@ -104,15 +105,23 @@ def _build_imported(path: str, kwargs: dict) -> Reward:
     return obj(**kwargs)
 
 
+def registered_builder(name: str) -> Callable[..., Reward]:
+    """The builder registered as `name` (KeyError listing the registered names when none is).
+    A builder may carry `check_kwargs(kwargs, prefix)`, which raises a one-line ValueError naming
+    each bad kwarg as `PREFIX.key` without building anything (the driver runs it before any actor
+    starts)."""
+    _import_all()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown reward {name!r}; registered rewards: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
 def build_reward(name: str, **kwargs) -> Reward:
     """Build the reward registered as `name`, or named by the import path `name` (loads its model
     once)."""
     if is_import_path(name):
         return _build_imported(name, kwargs)
-    _import_all()
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown reward {name!r}; registered rewards: {sorted(_REGISTRY)}")
-    return _REGISTRY[name](**kwargs)
+    return registered_builder(name)(**kwargs)
 
 
 def as_uint8_images(images) -> np.ndarray:

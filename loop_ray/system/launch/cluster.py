@@ -50,11 +50,16 @@ def actor_env(torch_threads: int, device: str) -> dict[str, str]:
     }
 
 
-def actor_options(res: RoleResources, torch_threads: int, *, max_restarts: int = 0, name: str | None = None) -> dict:
+def actor_options(res: RoleResources, torch_threads: int, *, max_restarts: int = 0, name: str | None = None,
+                  runtime_env: dict | None = None) -> dict:
+    """Ray options of one actor. `runtime_env` (a user's, for reward actors) is merged with the
+    actor environment: its env_vars win over ours, its other fields are passed as they are."""
+    env = dict(runtime_env or {})
+    env["env_vars"] = {**actor_env(torch_threads, res.device), **env.get("env_vars", {})}
     opts = {
         "num_cpus": res.num_cpus,
         "num_gpus": res.num_gpus,
-        "runtime_env": {"env_vars": actor_env(torch_threads, res.device)},
+        "runtime_env": env,
         "max_restarts": max_restarts,
         "max_task_retries": max_restarts,
     }
@@ -65,13 +70,46 @@ def actor_options(res: RoleResources, torch_threads: int, *, max_restarts: int =
     return opts
 
 
+def actor_counts(cfg: ExperimentConfig) -> dict[str, int]:
+    """Actors per role: cluster.num_reward_workers reward actors for every reward term group (the
+    shared one and one per distinct runtime_env)."""
+    from loop_ray.rewards.composite import term_groups
+
+    return {"sampler": cfg.cluster.num_samplers,
+            "reward": cfg.cluster.num_reward_workers * len(term_groups(cfg.reward)),
+            "learner": cfg.learner.num_workers}
+
+
 def demanded_cpus(cfg: ExperimentConfig) -> float:
-    r = role_resources(cfg)
-    return (
-        cfg.cluster.num_samplers * r["sampler"].num_cpus
-        + cfg.cluster.num_reward_workers * r["reward"].num_cpus
-        + cfg.learner.num_workers * r["learner"].num_cpus
-    )
+    r, n = role_resources(cfg), actor_counts(cfg)
+    return sum(n[role] * r[role].num_cpus for role in n)
+
+
+def upload_runtime_env(runtime_env: dict) -> dict:
+    """A runtime_env whose local working_dir / py_modules paths are uploaded to the cluster and
+    replaced by their package URIs. Ray does this itself only for the job's runtime_env (ray.init);
+    an actor's must name URIs, so the driver uploads them the same way (content-addressed: an
+    unchanged folder is not sent twice). Called for every actor started, so a package the cluster
+    dropped after its last actor ended is sent again."""
+    if not runtime_env.get("working_dir") and not runtime_env.get("py_modules"):
+        return runtime_env
+    import inspect
+    import logging
+    import tempfile
+
+    from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
+    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+    out = dict(runtime_env)
+    quiet = logging.getLogger("loop_ray.runtime_env")
+    with tempfile.TemporaryDirectory(prefix="loop_ray_pkg_") as scratch:
+        for upload in (upload_py_modules_if_needed, upload_working_dir_if_needed):
+            kwargs = {"scratch_dir": scratch, "logger": quiet}
+            if "include_gitignore" in inspect.signature(upload).parameters:
+                kwargs["include_gitignore"] = True
+            out = upload(out, **kwargs)
+    out.pop("excludes", None)  # applied by the upload
+    return out
 
 
 def resolve_address(cfg: ExperimentConfig, address: str | None) -> str | None:

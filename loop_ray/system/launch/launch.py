@@ -1,7 +1,9 @@
 """Start and stop the three roles with the resources the config gives each (independent scaling):
-`cluster.num_samplers` samplers, `cluster.num_reward_workers` reward actors and
-`learner.num_workers` learner workers, each with its CPUs, GPUs (fractions allowed) and custom
-resources. Before anything starts, the cluster is checked to have room for every actor.
+`cluster.num_samplers` samplers, `cluster.num_reward_workers` reward actors per reward term group
+(the shared terms, and each distinct term runtime_env) and `learner.num_workers` learner workers,
+each with its CPUs, GPUs (fractions allowed) and custom resources. Before anything starts, the
+cluster is checked to have room for every actor; a reward actor that cannot start (its runtime_env
+fails to install, its reward fails to import or build) is reported as a ConfigError naming its terms.
 """
 
 from __future__ import annotations
@@ -11,11 +13,23 @@ from dataclasses import dataclass
 import ray
 
 from loop_ray.config import ConfigError, ExperimentConfig
-from loop_ray.system.launch.cluster import actor_options, role_resources
+from loop_ray.rewards.composite import TermGroup, term_groups
+from loop_ray.rewards.http import token_env_values
+from loop_ray.system.launch.cluster import actor_counts, actor_options, role_resources, upload_runtime_env
 from loop_ray.system.roles.actors import ActorSet
 from loop_ray.system.roles.learner import LearnerGroup
-from loop_ray.system.roles.reward_server import RemoteRewardActor, RewardPool
+from loop_ray.system.roles.reward_server import RemoteRewardActor, RewardGroup, RewardPool
 from loop_ray.system.roles.sampler import RemoteSampler
+
+
+def error_summary(err: BaseException, limit: int = 300) -> str:
+    """The line of a Ray error that says what went wrong (the last 'SomeError: message' line of
+    the remote traceback), else its first line; at most `limit` characters."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    found = [line for line in lines if ": " in line and line.split(": ", 1)[0].rsplit(".", 1)[-1].endswith(
+        ("Error", "Exception"))]
+    text = found[-1] if found else (lines[0] if lines else type(err).__name__)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_capacity(cfg: ExperimentConfig) -> None:
@@ -23,8 +37,7 @@ def check_capacity(cfg: ExperimentConfig) -> None:
     (otherwise Ray would leave the missing actors pending forever)."""
     total = ray.cluster_resources()
     res = role_resources(cfg)
-    counts = {"sampler": cfg.cluster.num_samplers, "reward": cfg.cluster.num_reward_workers,
-              "learner": cfg.learner.num_workers}
+    counts = actor_counts(cfg)
     keys = {
         "sampler": ("cluster.sampler_cpus", "cluster.sampler_gpus", "cluster.sampler_resources"),
         "reward": ("cluster.reward_cpus", "cluster.reward_gpus", "cluster.reward_resources"),
@@ -50,6 +63,53 @@ def check_capacity(cfg: ExperimentConfig) -> None:
             )
 
 
+def _start_reward_group(cfg: ExperimentConfig, cfg_dict: dict, group: TermGroup, res, threads: int,
+                        restarts: int) -> RewardGroup:
+    """The reward actors of one term group, each started in the group's runtime_env (its local
+    folders uploaded for every actor started, replacements included)."""
+    terms = list(group.terms)
+    environ = token_env_values([cfg.reward.terms[i] for i in terms])
+    label = "reward actor" if group.shared else f"reward actor for {group.describe(cfg.reward)}"
+
+    def new_actor(rank: int):
+        user_env = upload_runtime_env(group.runtime_env.to_ray()) if group.runtime_env is not None else None
+        opts = actor_options(res, threads, max_restarts=restarts, runtime_env=user_env)
+        return RemoteRewardActor.options(**opts).remote(cfg_dict, rank, terms, environ)
+
+    return RewardGroup(ActorSet(label, [new_actor(i) for i in range(cfg.cluster.num_reward_workers)], new_actor))
+
+
+def start_reward_pool(cfg: ExperimentConfig, cfg_dict: dict | None = None) -> RewardPool:
+    """Start the reward actors of every term group (without waiting for them: see
+    `wait_for_reward_actors`)."""
+    cfg_dict = cfg.model_dump(mode="json") if cfg_dict is None else cfg_dict
+    res = role_resources(cfg)["reward"]
+    threads, restarts = cfg.cluster.torch_threads, cfg.cluster.max_restarts
+    groups: list[RewardGroup] = []
+    try:
+        for group in term_groups(cfg.reward):
+            groups.append(_start_reward_group(cfg, cfg_dict, group, res, threads, restarts))
+    except BaseException:
+        for g in groups:
+            g.actors.kill_all()
+        raise
+    return RewardPool(groups)
+
+
+def wait_for_reward_actors(cfg: ExperimentConfig, pool: RewardPool) -> None:
+    """Wait for every reward actor to answer; one that failed to start is a ConfigError naming its
+    terms and what went wrong (a runtime_env that did not install, a reward that did not build)."""
+    for group, rewards in zip(term_groups(cfg.reward), pool.groups):
+        try:
+            ray.get([a.ping.remote() for a in rewards.actors])
+        except ray.exceptions.RayError as err:
+            env = " in its runtime_env" if not group.shared else (
+                " in reward.runtime_env" if cfg.reward.runtime_env is not None else "")
+            raise ConfigError(
+                f"{group.describe(cfg.reward)}: the reward actor did not start{env}: {error_summary(err)}"
+            ) from None
+
+
 @dataclass
 class System:
     samplers: ActorSet
@@ -58,6 +118,7 @@ class System:
 
     @classmethod
     def start(cls, cfg: ExperimentConfig) -> System:
+        """Start every role; when any actor fails to start, the ones already started are stopped."""
         check_capacity(cfg)
         cfg_dict = cfg.model_dump(mode="json")
         res = role_resources(cfg)
@@ -67,19 +128,26 @@ class System:
             opts = actor_options(res["sampler"], threads, max_restarts=restarts)
             return RemoteSampler.options(**opts).remote(cfg_dict, rank)
 
-        def new_reward_actor(rank: int):
-            opts = actor_options(res["reward"], threads, max_restarts=restarts)
-            return RemoteRewardActor.options(**opts).remote(cfg_dict, rank)
-
-        samplers = ActorSet("sampler", [new_sampler(i) for i in range(cfg.cluster.num_samplers)], new_sampler)
-        rewards = ActorSet(
-            "reward actor", [new_reward_actor(i) for i in range(cfg.cluster.num_reward_workers)], new_reward_actor
-        )
-        learner = LearnerGroup(cfg)
-        ray.get([a.ping.remote() for a in [*samplers, *rewards]])  # surface construction errors now
-        return cls(samplers, RewardPool(rewards), learner)
+        started: list = []  # what to stop when something fails to start
+        try:
+            samplers = ActorSet("sampler", [new_sampler(i) for i in range(cfg.cluster.num_samplers)], new_sampler)
+            started.append(samplers)
+            pool = start_reward_pool(cfg, cfg_dict)
+            started.append(pool)
+            learner = LearnerGroup(cfg)
+            started.append(learner)
+            wait_for_reward_actors(cfg, pool)
+            ray.get([a.ping.remote() for a in samplers])  # surface construction errors now
+        except BaseException:
+            for part in started:
+                if isinstance(part, LearnerGroup):
+                    part.shutdown()
+                else:
+                    part.kill_all()
+            raise
+        return cls(samplers, pool, learner)
 
     def shutdown(self) -> None:
         self.learner.shutdown()
         self.samplers.kill_all()
-        self.reward_pool.actors.kill_all()
+        self.reward_pool.kill_all()

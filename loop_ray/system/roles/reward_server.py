@@ -1,33 +1,49 @@
-"""RewardActor pool: each actor loads the configured reward once and scores image chunks.
+"""Reward actors and the driver's handle on them.
 
-The driver hands a reward actor the ObjectRef of an image chunk produced by a sampler; Ray
-resolves it on the reward actor's node, so images never pass through the driver. `RewardPool`
-spreads chunks over the actors (the one with the fewest chunks in flight first).
+Each reward actor loads its share of the configured reward terms once and scores image chunks.
+The driver hands it the ObjectRef of an image chunk produced by a sampler; Ray resolves it on the
+reward actor's node, so images never pass through the driver.
+
+The terms are split into groups (`loop_ray.rewards.composite.term_groups`): the terms without a
+Ray runtime_env of their own are scored by the shared reward actors, and each distinct runtime_env
+gets reward actors of its own started in it (its packages, code or container exist only there).
+`RewardPool` sends every chunk to one actor of each group (the one with the fewest chunks in
+flight), sends a group's call again when its actor was lost, and adds the groups' results up
+(`combine_scores`): a chunk is scored once per group, and used only when every group answered.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import ray
 
 from loop_ray.config import ExperimentConfig
 from loop_ray.rewards.checks import describe_problems
+from loop_ray.rewards.composite import combine_scores
 from loop_ray.utils import pin_threads
 
 log = logging.getLogger(__name__)
 
 
 class RewardActor:
-    def __init__(self, cfg: dict, rank: int = 0):
+    """Scores the reward terms at indices `terms` (all when None). `environ` is set in the actor's
+    environment before the terms are built: the driver's values of the variables the terms read
+    secrets from (http's token_env), handed over in memory so they are never written down."""
+
+    def __init__(self, cfg: dict, rank: int = 0, terms: list[int] | None = None,
+                 environ: dict[str, str] | None = None):
         self.cfg = ExperimentConfig.model_validate(cfg)
         pin_threads(self.cfg.cluster.torch_threads)
+        os.environ.update(environ or {})
         from loop_ray.rewards.composite import CompositeReward
 
         self.rank = rank
-        self.reward = CompositeReward.from_config(self.cfg.reward)
+        self.reward = CompositeReward.from_config(self.cfg.reward, terms)
         self.images_done = 0
 
     def score(self, chunk: dict) -> dict:
@@ -67,12 +83,12 @@ class RewardActor:
 RemoteRewardActor = ray.remote(RewardActor)
 
 
-class RewardPool:
-    """Driver-side handle on the reward actors (an ActorSet)."""
+class RewardGroup:
+    """Driver-side handle on the reward actors of one term group (an ActorSet)."""
 
     def __init__(self, actors):
         if not len(actors):
-            raise ValueError("RewardPool needs at least one reward actor")
+            raise ValueError("a reward group needs at least one reward actor")
         self.actors = actors
         self._in_flight: list[list] = [[] for _ in range(len(actors))]
         self._served_by: dict = {}  # result ref -> actor index
@@ -97,7 +113,7 @@ class RewardPool:
         return self._submit_to(i, chunk_ref)
 
     def forget(self, ref) -> None:
-        """Drop the pool's hold on a finished call's result (else the object store keeps it)."""
+        """Drop the group's hold on a finished call's result (else the object store keeps it)."""
         self._served_by.pop(ref, None)
 
     def retry(self, chunk_ref, failed_ref, attempt: int = 1) -> ray.ObjectRef:
@@ -109,3 +125,70 @@ class RewardPool:
             self._in_flight[i].remove(failed_ref)
         self.actors.revive(i)
         return self._submit_to(i, chunk_ref)
+
+
+@dataclass
+class RewardCall:
+    """One chunk sent to every term group: the chunk's ref and each group's result ref."""
+
+    chunk_ref: object
+    refs: list
+
+
+def _get(ref, what: str):
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as err:
+        log.warning("%s failed: %s", what, str(err).splitlines()[0])
+        return None
+
+
+class RewardPool:
+    """Driver-side handle on all reward actors: one RewardGroup per term group (the shared group,
+    when there is one, first)."""
+
+    def __init__(self, groups: list[RewardGroup]):
+        if not groups:
+            raise ValueError("RewardPool needs at least one reward group")
+        self.groups = list(groups)
+
+    @property
+    def actors(self):
+        """The first group's ActorSet (the shared reward actors when some terms have no runtime_env)."""
+        return self.groups[0].actors
+
+    def submit(self, chunk_ref) -> RewardCall:
+        """Score one image chunk (an ObjectRef) on one actor of every group."""
+        return RewardCall(chunk_ref, [g.submit(chunk_ref) for g in self.groups])
+
+    def result(self, call: RewardCall, retries: int, what: str = "reward call") -> tuple[dict | None, int]:
+        """The chunk's combined result and the number of calls made again. A group's call that
+        failed (its actor lost) is sent again, with the same chunk, up to `retries` times; when one
+        still fails, the result is None (the chunk's groups are then never used) and the other
+        groups' results are dropped, so no image is ever used with a partial reward."""
+        partials, repeated = [], 0
+        for g, (group, ref) in enumerate(zip(self.groups, call.refs)):
+            label = what if len(self.groups) == 1 else f"{what} (reward group {g})"
+            result, attempt = _get(ref, label), 0
+            while result is None and attempt < retries:
+                attempt += 1
+                try:
+                    ref = group.retry(call.chunk_ref, ref, attempt)
+                except ray.exceptions.RayError as err:
+                    log.warning("reward actor cannot be revived: %s", str(err).splitlines()[0])
+                    break
+                result = _get(ref, f"{label}, attempt {attempt + 1}")
+            repeated += attempt
+            group.forget(ref)
+            partials.append(result)
+        if any(p is None for p in partials):
+            return None, repeated
+        return (partials[0] if len(partials) == 1 else combine_scores(partials)), repeated
+
+    @property
+    def replaced(self) -> int:
+        return sum(g.actors.replaced for g in self.groups)
+
+    def kill_all(self) -> None:
+        for g in self.groups:
+            g.actors.kill_all()

@@ -82,6 +82,8 @@ class Trainer:
         record = {"kind": "eval", "label": label, "iteration": iteration, "version": self.version,
                   "images_seen": self.images_seen, **result.record()}
         self.run.log(record, self.images_seen)
+        if result.grid is not None:
+            self.run.log_image("eval/grid", result.grid, self.images_seen, caption=label)
         self.run.add_eval_point(self.images_seen, result.mean)
         self.records.append(record)
         return result
@@ -241,7 +243,7 @@ def train(cfg: ExperimentConfig, address: str | None = None, resume: ResumePoint
         return result
     finally:
         if run is not None:
-            run.close()
+            run.close(failed=sys.exc_info()[0] is not None)  # an error on its way out: W&B marks the run failed
         if system is not None:
             system.shutdown()
         if started_ray:

@@ -1,4 +1,5 @@
-"""One iteration's metrics record (a flat dict; keys are TensorBoard tags).
+"""One iteration's metrics record (a flat dict; keys are TensorBoard and W&B tags), and which of its
+values the scalar loggers get (`scalars`).
 
 Throughput per role is images per second of busy time, summed over the role's actors:
 sampler = images sampled / sampling seconds, reward = images scored / scoring seconds, learner =
@@ -8,6 +9,8 @@ images_per_s` is the end-to-end rate: images sampled / iteration wall time.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from loop_ray.system.roles.buffer import LearnBatch
@@ -15,6 +18,13 @@ from loop_ray.system.roles.weights import PublishedWeights
 from loop_ray.system.run.rollout import RolloutResult
 
 _MEAN_KEYS = ("loss", "clip_fraction", "approx_kl", "ratio_mean", "grad_norm", "last_clip_fraction")
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """The values of a record that the scalar loggers (TensorBoard, W&B) get: finite ints and
+    floats, not bools, not lists or strings (those stay in metrics.jsonl only)."""
+    return {k: v for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 def _per_actor(stats: list[dict], count: str) -> tuple[list[float], float]:

@@ -39,7 +39,7 @@ class Rollout:
     stats_refs: list
     chunk_refs: list[list]  # per job: the image chunks' refs
     chunk_spans: list[list[tuple[int, int]]]  # per job: each chunk's [start, stop) in plan order
-    reward_refs: list[tuple[int, int, object]]  # (job, chunk, ref of the reward result)
+    reward_refs: list[tuple[int, int, object]]  # (job, chunk, RewardCall scoring it)
     samplers: ActorSet  # where a lost job is sent again
     pool: RewardPool
     weights: PublishedWeights | None = None
@@ -167,21 +167,11 @@ def collect(rollout: Rollout, buffer: TrajectoryBuffer | None = None, retries: i
             )
         entry_ids.append(entry)
     reward_stats, rejected_images, problems = [], 0, []
-    for j, c, ref in list(rollout.reward_refs):
+    for j, _chunk, call in list(rollout.reward_refs):
         if not sampled[j]:
             continue  # its sampler job failed for good: nothing to score
-        result = _get(ref, f"reward call for sampler share {j}")
-        attempt = 0
-        while result is None and attempt < retries:
-            attempt += 1
-            try:
-                ref = rollout.pool.retry(rollout.chunk_refs[j][c], ref, attempt)
-            except ray.exceptions.RayError as err:
-                log.warning("reward actor cannot be revived: %s", str(err).splitlines()[0])
-                break
-            result = _get(ref, f"reward call for sampler share {j}, attempt {attempt + 1}")
-        rescored += attempt
-        rollout.pool.forget(ref)
+        result, attempts = rollout.pool.result(call, retries, f"reward call for sampler share {j}")
+        rescored += attempts
         if result is None:
             failures += 1
             continue

@@ -3,6 +3,8 @@
   config.yaml        the resolved configuration
   metrics.jsonl      one JSON record per iteration and per evaluation
   tensorboard/       TensorBoard events of the scalar metrics
+  wandb_run.json     the W&B run id, with logging.wandb (see loop_ray.system.run.wandb_logger)
+  wandb/             W&B's own files (unless WANDB_DIR is set)
   eval/              image grids of each evaluation
   reward.png         train and eval reward against images seen
   checkpoints/       see loop_ray.system.run.checkpoint
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 
 from loop_ray.config import ExperimentConfig, dump_config
+from loop_ray.system.run.metrics import scalars
 
 
 def _jsonable(value):
@@ -41,8 +44,20 @@ class RunDir:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(path / "tensorboard"), purge_step=purge_step)
+        self._wandb = None
         self.train_points: list[tuple[int, float]] = []
         self.eval_points: list[tuple[int, float]] = []
+
+    def _start_wandb(self, cfg: ExperimentConfig) -> None:
+        """With logging.wandb: start the folder's W&B run, or continue the one it was logged to."""
+        if cfg.logging.wandb is not None:
+            from loop_ray.system.run.wandb_logger import WandbLogger
+
+            try:
+                self._wandb = WandbLogger.start(cfg.logging.wandb, cfg, self.path)
+            except BaseException:
+                self.close()
+                raise
 
     @classmethod
     def create(cls, cfg: ExperimentConfig) -> RunDir:
@@ -55,18 +70,21 @@ class RunDir:
         path.mkdir(parents=True)
         run = cls(path, cfg.logging.tensorboard)
         dump_config(cfg, path / "config.yaml")
+        run._start_wandb(cfg)
         return run
 
     @classmethod
     def reopen(cls, path: Path, cfg: ExperimentConfig, records: list[dict], images_seen: int) -> RunDir:
         """Continue a run folder from a checkpoint: metrics.jsonl is rewritten with the records the
         checkpoint holds (anything logged after it is dropped, to be logged again), TensorBoard
-        purges its events after `images_seen`, and config.yaml gets the resumed configuration."""
+        purges its events after `images_seen`, config.yaml gets the resumed configuration, and the
+        W&B run the folder was logged to is continued."""
         tmp = path / "metrics.jsonl.tmp"
         tmp.write_text("".join(json.dumps(_jsonable(r)) + "\n" for r in records))
         tmp.replace(path / "metrics.jsonl")
         run = cls(path, cfg.logging.tensorboard, purge_step=images_seen + 1 if images_seen else None)
         dump_config(cfg, path / "config.yaml")
+        run._start_wandb(cfg)
         for r in records:
             if r.get("kind") == "train":
                 run.add_train_point(r["images_seen"], r["train/reward_mean"])
@@ -79,15 +97,21 @@ class RunDir:
         return self.path / "checkpoints"
 
     def log(self, record: dict, step: int) -> None:
-        """Append a record to metrics.jsonl and its numeric scalars to TensorBoard at `step`
-        (images seen)."""
+        """Append a record to metrics.jsonl and its scalars (`metrics.scalars`) to TensorBoard and
+        W&B at `step` (images seen)."""
         self._metrics.write(json.dumps(_jsonable(record)) + "\n")
-        if self._tb is None:
-            return
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        values = scalars(record)
+        if self._tb is not None:
+            for key, value in values.items():
                 self._tb.add_scalar(key, value, step)
-        self._tb.flush()
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(values, step)
+
+    def log_image(self, key: str, path: Path, step: int, caption: str | None = None) -> None:
+        """An image file (an evaluation grid) to W&B at `step`; it is already in the run folder."""
+        if self._wandb is not None:
+            self._wandb.log_image(key, path, step, caption)
 
     def add_train_point(self, images_seen: int, reward: float) -> None:
         self.train_points.append((images_seen, reward))
@@ -119,7 +143,11 @@ class RunDir:
         plt.close(fig)
         return out
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close the loggers; `failed` marks the W&B run as failed (the run stopped on an error)."""
         self._metrics.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish(failed)
+            self._wandb = None

@@ -18,14 +18,42 @@ def _prompts(cfg: ExperimentConfig, key: str) -> PromptSet:
         raise ConfigError(f"prompts.{key}={spec!r}: {err}") from None
 
 
+def _check_runtime_env(env, key: str) -> None:
+    """The local folders and files a runtime_env names exist (URIs, with '://', are the cluster's
+    business)."""
+    local = [(f"{key}.working_dir", env.working_dir)] if env.working_dir else []
+    local += [(f"{key}.py_modules.{j}", m) for j, m in enumerate(env.py_modules or [])]
+    for where, path in local:
+        if "://" in path:
+            continue
+        if not Path(path).expanduser().exists():
+            raise ConfigError(f"{where}: {path!r} does not exist (a local folder or .zip/.whl file, "
+                              "or a URI such as s3://...)")
+        if where.endswith("working_dir") and not Path(path).expanduser().is_dir() and not path.endswith(".zip"):
+            raise ConfigError(f"{where}: {path!r} is neither a folder nor a .zip file")
+
+
 def _check_rewards(cfg: ExperimentConfig) -> None:
-    """Registered names are known; import paths ("package.module:callable") import here, in the
-    driver (the reward actors import them again, so they must be importable there too)."""
-    from loop_ray.rewards import available_rewards, is_import_path, load_import_path
+    """Registered names are known and their kwargs pass the builder's own check; import paths
+    ("package.module:callable") import here, in the driver (the reward actors import them again, so
+    they must be importable there too), except for terms scored in a runtime_env (their code or
+    dependencies may exist only there: their actors report an import error when they start)."""
+    from loop_ray.rewards import available_rewards, is_import_path, load_import_path, registered_builder
 
     names = available_rewards()
+    if cfg.reward.runtime_env is not None:
+        _check_runtime_env(cfg.reward.runtime_env, "reward.runtime_env")
     for i, term in enumerate(cfg.reward.terms):
+        if term.runtime_env is not None:
+            _check_runtime_env(term.runtime_env, f"reward.terms.{i}.runtime_env")
+        elsewhere = term.runtime_env is not None or cfg.reward.runtime_env is not None
         if is_import_path(term.name):
+            module, _, attr = term.name.partition(":")
+            if not module or not attr:
+                raise ConfigError(f"reward.terms.{i}.name: {term.name!r}: an import path is written "
+                                  "'package.module:callable'")
+            if elsewhere:
+                continue
             try:
                 load_import_path(term.name)
             except (ImportError, TypeError, ValueError) as err:
@@ -36,6 +64,22 @@ def _check_rewards(cfg: ExperimentConfig) -> None:
                 ) from None
         elif term.name not in names:
             raise ConfigError(f"reward.terms.{i}.name: unknown reward {term.name!r}; registered rewards: {names}")
+        else:
+            check = getattr(registered_builder(term.name), "check_kwargs", None)
+            if check is not None:
+                try:
+                    check(term.kwargs, prefix=f"reward.terms.{i}.kwargs")
+                except ValueError as err:
+                    raise ConfigError(str(err)) from None
+
+
+def _check_logging(cfg: ExperimentConfig) -> None:
+    """logging.wandb needs the wandb package (the `wandb` extra); without logging.wandb it is
+    never imported."""
+    if cfg.logging.wandb is not None:
+        from loop_ray.system.run.wandb_logger import import_wandb
+
+        import_wandb()
 
 
 def _check_model(cfg: ExperimentConfig) -> None:
@@ -103,6 +147,7 @@ def validate_inputs(cfg: ExperimentConfig) -> tuple[PromptSet, PromptSet]:
     """Run every check; returns the (train, val) prompt sets."""
     train_set, val_set = _prompts(cfg, "train"), _prompts(cfg, "val")
     _check_rewards(cfg)
+    _check_logging(cfg)
     _check_model(cfg)
     _check_learner(cfg)
     return train_set, val_set
