@@ -13,6 +13,7 @@ COMMANDS = {
     "config": ("loop_ray.config_cli", "config show CONFIG [--set key=value ...]: print the resolved config"),
     "bench": ("loop_ray.bench", "speed and memory benchmarks as ratios against baselines"),
     "study": ("loop_ray.study", "the paper's efficiency-effectiveness study on the embedded world"),
+    "diagnose": ("loop_ray.diagnose", "is a config's policy-gradient direction consistent across prompts? (vs a null)"),
 }
 
 
