@@ -33,8 +33,8 @@ def _one(job: dict) -> dict:
     data = yaml.safe_load(Path(job["config"]).read_text())
     overrides = dict(job["overrides"])
     control = overrides.pop("control", None)  # shuffle: the config's algorithm.control; negate: see below
-    if control == "shuffle":
-        overrides["algorithm.control"], control = "shuffle", None
+    if control in ("none", "shuffle"):
+        overrides["algorithm.control"], control = control, None
     cfg = config_from_dict(data, source=job["config"], overrides=overrides)
     start = time.perf_counter()
     run = LocalRun(cfg, device=job["device"])

@@ -167,28 +167,3 @@ def build_toy_binding(**kwargs):
         raise TypeError(f"reward toy_binding takes no options, got {sorted(kwargs)}")
     return binding_reward
 
-
-def coverage_reward(images, prompts: Sequence[str]) -> np.ndarray:
-    """float32 [B] in [0, 1]: `toy_coverage`, the share of the canvas covered by colour.
-
-    Each pixel counts by its largest `colour_coverage` over the palette colours (0 on the grey
-    background, 1 on a pure palette colour, in between on anti-aliased edges); the reward is the
-    mean over pixels, so bigger or more saturated objects score higher whatever the prompt. It is
-    the embedded world's easy reward: every sample agrees on what is better, so it tests the RL
-    machinery apart from the harder binding reward. The prompt is ignored.
-    """
-    images = as_uint8_images(images).astype(np.float32)
-    if len(prompts) != len(images):
-        raise ValueError(f"toy_coverage: {len(images)} images but {len(prompts)} prompts")
-    g = PALETTE[0]
-    colours = PALETTE[1:] - g  # [6, 3]
-    along = ((images - g) @ colours.T) / (colours * colours).sum(-1)  # [B, H, W, 6]
-    return np.clip(along, 0.0, 1.0).max(-1).mean(axis=(1, 2)).astype(np.float32)
-
-
-@register("toy_coverage")
-def build_toy_coverage(**kwargs):
-    """The `toy_coverage` reward (no options)."""
-    if kwargs:
-        raise TypeError(f"reward toy_coverage takes no options, got {sorted(kwargs)}")
-    return coverage_reward
