@@ -1,14 +1,14 @@
 """The embedded world's text-to-image model: build, save and load it in the diffusers folder layout.
 
-A pixel-space diffusers UNet2DConditionModel (3 channels in and out, 32x32, output in [-1, 1])
+A pixel-space diffusers UNet2DConditionModel (3 channels in and out, 24x24 by default, output in [-1, 1])
 cross-attends to a small transformers CLIPTextModel over the word-level toy tokenizer. The folder
 holds unet/, text_encoder/, tokenizer/, scheduler/ (DDIMScheduler) and model_index.json, each part
 written with save_pretrained and read with from_pretrained, as for Stable Diffusion (no vae/).
 
 Scheduler: 1000 training steps with cosine ("squaredcos_cap_v2") betas, "leading" timestep spacing
-with steps_offset=1, so that with 20 sampling steps the first sampled timestep is 951, where
-alpha-bar is about 6e-3 rather than the ~2e-9 of t=999 (whose step makes the RL gradient
-meaningless); set_alpha_to_one=False.
+with steps_offset=1, so that the first sampled timestep is 901 with 10 sampling steps (alpha-bar
+about 2e-2) or 951 with 20 (about 6e-3) rather than t=999 (alpha-bar ~2e-9, whose step makes the RL
+gradient meaningless); set_alpha_to_one=False.
 """
 
 from __future__ import annotations
@@ -40,11 +40,12 @@ PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 
 @dataclass(frozen=True)
 class ToyModelSpec:
-    """Sizes of the toy model; the defaults are the committed model's (about 1.7 M UNet parameters)."""
+    """Sizes of the toy model; the defaults are the committed model's (24x24 pixels, about 0.45 M UNet
+    parameters: 5x the images/s of the first 32x32, 1.7 M-parameter model, see the README)."""
 
-    image_size: int = 32
-    channels: tuple[int, ...] = (32, 64, 64)
-    norm_groups: int = 16
+    image_size: int = 24
+    channels: tuple[int, ...] = (16, 32, 32)
+    norm_groups: int = 8
     attention_head_dim: int = 8
     text_hidden: int = 64
     text_layers: int = 2

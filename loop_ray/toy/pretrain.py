@@ -46,7 +46,7 @@ FOCUS_RANGE = (400, 850)
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="loop-ray pretrain-toy", description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(default_model_path()), help="output model folder (default: the committed one)")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-3)
