@@ -286,6 +286,7 @@ def main_eval(argv: list[str] | None = None) -> int:
     """`loop-ray eval`: per-category held-out reward table, eval.json and grid.png in --out."""
     from loop_ray.prompts import load_prompts
     from loop_ray.rewards.composite import CompositeReward
+    from loop_ray.utils import output_folder
 
     p = argparse.ArgumentParser(prog="loop-ray eval", description=main_eval.__doc__)
     _common_args(p)
@@ -297,6 +298,7 @@ def main_eval(argv: list[str] | None = None) -> int:
             p.error("--images-per-prompt must be >= 1")
         args.set = [*args.set, f"eval.images_per_prompt={args.images_per_prompt}"]
     cfg, policy = _load(args)
+    out = output_folder(args.out or Path(cfg.output_dir) / cfg.name / "eval")
     reward = CompositeReward.from_config(cfg.reward)
     prompt_set = load_prompts(cfg.prompts.val)
     indices = eval_prompt_indices(cfg, prompt_set)  # the driver's choice of prompts (eval.max_prompts)
@@ -304,7 +306,6 @@ def main_eval(argv: list[str] | None = None) -> int:
         policy, reward, prompt_set, cfg.eval.images_per_prompt, cfg.eval.seed, cfg.eval.batch_size,
         prompt_indices=indices, progress=not args.no_progress,
     )
-    out = Path(args.out) if args.out else Path(cfg.output_dir) / cfg.name / "eval"
     model = cfg.model.path or f"({cfg.model.kind} default)"
     print(f"model {model}, {cfg.sampling.num_steps} steps, guidance {cfg.sampling.guidance_scale}, eta {cfg.sampling.eta}")
     print(format_table(result))
@@ -319,6 +320,8 @@ def main_eval(argv: list[str] | None = None) -> int:
 
 def main_sample(argv: list[str] | None = None) -> int:
     """`loop-ray sample`: N images for each --prompt into a grid PNG."""
+    from loop_ray.utils import output_folder
+
     p = argparse.ArgumentParser(prog="loop-ray sample", description=main_sample.__doc__)
     _common_args(p)
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for more)")
@@ -328,6 +331,7 @@ def main_sample(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.num_images < 1:
         p.error("-n must be >= 1")
+    output_folder(Path(args.out).parent)
     cfg, policy = _load(args)
     seeds = eval_seeds(args.seed, range(len(args.prompt)), args.num_images)
     batch = policy.sample(args.prompt, args.num_images, seeds, batch_size=cfg.sampling.batch_size)
