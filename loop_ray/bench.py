@@ -253,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--no-sd2", action="store_true", help="skip the SD2-shaped UNet in the weights figure")
     args = p.parse_args(argv)
-    from loop_ray.utils import pin_threads
+    from loop_ray.utils import output_folder, pin_threads
 
+    output_folder(args.out)  # fails now rather than after the benchmarks
     pin_threads(1)
     report: dict = {"hardware": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                                 f"{torch.get_num_threads()} thread(s)"}

@@ -34,7 +34,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     entry = getattr(module, "main_" + name.replace("-", "_"), None) or module.main
-    return int(entry(rest) or 0)
+    try:
+        return int(entry(rest) or 0)
+    except Exception as err:
+        if not isinstance(err, _user_errors()):
+            raise  # a bug: the traceback says where
+        print(f"loop-ray {name}: {err}", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What bad input raises (each message names the key, file or folder): a config that cannot be used,
+    a damaged checkpoint, a model folder that is not one, a path that is missing or unreadable."""
+    from loop_ray.config import ConfigError
+    from loop_ray.system.run.checkpoint import CheckpointError
+
+    errors = (ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+    flow = sys.modules.get("loop_ray.diffusion.flow_loading")  # loaded only if a flow model was
+    return errors + ((flow.FlowModelError,) if flow is not None else ())
 
 
 if __name__ == "__main__":

@@ -329,8 +329,8 @@ def _json_safe(x):
 
 def main(argv: list[str] | None = None) -> int:
     """`loop-ray diagnose`: is a config's policy-gradient direction consistent across prompts?"""
-    from loop_ray.config import ConfigError, load_config
-    from loop_ray.utils import pin_threads
+    from loop_ray.config import load_config
+    from loop_ray.utils import output_folder, pin_threads
 
     p = argparse.ArgumentParser(prog="loop-ray diagnose", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="experiment YAML")
@@ -346,10 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("loop-ray diagnose: --prompts must be >= 3")
     if args.splits < 1 or args.iterations_of_window < 0:
         raise SystemExit("loop-ray diagnose: --splits must be >= 1 and --iterations-of-window >= 0")
-    try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as err:
-        raise SystemExit(f"loop-ray diagnose: {err}") from None
+    cfg = load_config(args.config, args.set)  # a ConfigError: one line from loop_ray.cli, status 2
+    if args.out:
+        output_folder(Path(args.out).parent)
     pin_threads(cfg.cluster.torch_threads)
     result = diagnose(cfg, prompts=args.prompts, splits=args.splits, iteration=args.iterations_of_window,
                       device=args.device, log=lambda msg: print(msg, file=sys.stderr, flush=True))

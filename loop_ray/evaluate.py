@@ -216,27 +216,67 @@ def save_eval_grid(
 # ------------------------------------------------------------------------------------------ CLI
 
 
-def _load(args: argparse.Namespace, prog: str):
-    """(cfg, policy) from --config, --set and --checkpoint; exits with a message naming the bad field."""
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
+    """(model folder, config.yaml to use by default) of `--checkpoint PATH`:
+      a run folder (it has checkpoints/): its newest checkpoint that verifies, and that checkpoint's
+        config.yaml (the run's own config, as it was when those weights were saved);
+      a loop-ray checkpoint folder (MANIFEST.json, or under checkpoints/): itself once it verifies
+        against its manifest, and its config.yaml;
+      any other folder: a model folder of the config's model.kind (diffusers layout), and no config.
+    Raises ConfigError / CheckpointError naming the path."""
+    from loop_ray.config import ConfigError
+    from loop_ray.system.run.checkpoint import MANIFEST, verify_checkpoint
+    from loop_ray.system.run.resume import _newest_good_point
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"--checkpoint {path}: no such folder")
+    if not path.is_dir():
+        raise ConfigError(f"--checkpoint {path}: not a folder (expected a checkpoint, a run or a model folder)")
+    if (path / "checkpoints").is_dir():
+        point = _newest_good_point(path)
+        if point is None:
+            raise ConfigError(f"--checkpoint {path}: no usable checkpoint under {path / 'checkpoints'}")
+        folder = point.checkpoint
+    elif (path / MANIFEST).is_file() or path.parent.name == "checkpoints":
+        verify_checkpoint(path)
+        folder = path
+    else:
+        return path, None
+    if not (folder / "model_index.json").is_file():
+        raise ConfigError(
+            f"--checkpoint {folder}: holds the trained network but not the whole pipeline (no model_index.json: "
+            "written before checkpoints held it); load its unet/ or transformer/ into the base model's pipeline"
+        )
+    return folder, folder / "config.yaml"
+
+
+def _load(args: argparse.Namespace):
+    """(cfg, policy) from --config, --set and --checkpoint (a checkpoint or run folder brings its own
+    config, and then --config may be left out). Raises ConfigError naming the bad field or path."""
     from loop_ray.config import ConfigError, load_config
     from loop_ray.diffusion.models import build_policy
+    from loop_ray.diffusion.pipeline_parts import FOLDER_KIND
     from loop_ray.utils import pin_threads
 
-    try:
-        cfg = load_config(args.config, args.set)
-        if args.checkpoint is not None:
-            if not Path(args.checkpoint).is_dir():
-                raise ConfigError(f"--checkpoint {args.checkpoint}: not a model folder")
-            cfg.model.path = str(args.checkpoint)
-    except ConfigError as err:
-        raise SystemExit(f"{prog}: {err}") from None
+    folder, own_config = resolve_checkpoint(args.checkpoint) if args.checkpoint is not None else (None, None)
+    config = args.config if args.config is not None else own_config
+    if config is None:
+        raise ConfigError("--config is required (unless --checkpoint is a loop-ray checkpoint or run folder)")
+    cfg = load_config(config, args.set)
+    if folder is not None:
+        kind = FOLDER_KIND.get(cfg.model.kind, cfg.model.kind)  # a tiny stack's checkpoint is a real folder
+        # the saved network has any LoRA merged, and a folder takes no Hugging Face revision
+        cfg.model = cfg.model.model_copy(update={"path": str(folder), "kind": kind, "revision": None, "lora_rank": 0})
     pin_threads(cfg.cluster.torch_threads)
     return cfg, build_policy(cfg, args.device)
 
 
 def _common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="experiment YAML")
-    p.add_argument("--checkpoint", default=None, help="model folder (diffusers layout) in place of model.path")
+    p.add_argument("--config", default=None, help="experiment YAML (default: the --checkpoint run's own)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a run folder (its newest good checkpoint), one of its checkpoint folders, or a model "
+                        "folder (diffusers layout) in place of model.path")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted-key config override")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
@@ -246,6 +286,7 @@ def main_eval(argv: list[str] | None = None) -> int:
     """`loop-ray eval`: per-category held-out reward table, eval.json and grid.png in --out."""
     from loop_ray.prompts import load_prompts
     from loop_ray.rewards.composite import CompositeReward
+    from loop_ray.utils import output_folder
 
     p = argparse.ArgumentParser(prog="loop-ray eval", description=main_eval.__doc__)
     _common_args(p)
@@ -254,9 +295,10 @@ def main_eval(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.images_per_prompt is not None:
         if args.images_per_prompt < 1:
-            raise SystemExit("loop-ray eval: --images-per-prompt must be >= 1")
+            p.error("--images-per-prompt must be >= 1")
         args.set = [*args.set, f"eval.images_per_prompt={args.images_per_prompt}"]
-    cfg, policy = _load(args, "loop-ray eval")
+    cfg, policy = _load(args)
+    out = output_folder(args.out or Path(cfg.output_dir) / cfg.name / "eval")
     reward = CompositeReward.from_config(cfg.reward)
     prompt_set = load_prompts(cfg.prompts.val)
     indices = eval_prompt_indices(cfg, prompt_set)  # the driver's choice of prompts (eval.max_prompts)
@@ -264,7 +306,6 @@ def main_eval(argv: list[str] | None = None) -> int:
         policy, reward, prompt_set, cfg.eval.images_per_prompt, cfg.eval.seed, cfg.eval.batch_size,
         prompt_indices=indices, progress=not args.no_progress,
     )
-    out = Path(args.out) if args.out else Path(cfg.output_dir) / cfg.name / "eval"
     model = cfg.model.path or f"({cfg.model.kind} default)"
     print(f"model {model}, {cfg.sampling.num_steps} steps, guidance {cfg.sampling.guidance_scale}, eta {cfg.sampling.eta}")
     print(format_table(result))
@@ -279,6 +320,8 @@ def main_eval(argv: list[str] | None = None) -> int:
 
 def main_sample(argv: list[str] | None = None) -> int:
     """`loop-ray sample`: N images for each --prompt into a grid PNG."""
+    from loop_ray.utils import output_folder
+
     p = argparse.ArgumentParser(prog="loop-ray sample", description=main_sample.__doc__)
     _common_args(p)
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for more)")
@@ -287,8 +330,9 @@ def main_sample(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="samples.png", help="grid PNG path")
     args = p.parse_args(argv)
     if args.num_images < 1:
-        raise SystemExit("loop-ray sample: -n must be >= 1")
-    cfg, policy = _load(args, "loop-ray sample")
+        p.error("-n must be >= 1")
+    output_folder(Path(args.out).parent)
+    cfg, policy = _load(args)
     seeds = eval_seeds(args.seed, range(len(args.prompt)), args.num_images)
     batch = policy.sample(args.prompt, args.num_images, seeds, batch_size=cfg.sampling.batch_size)
     images = np.asarray(batch.images).reshape(len(args.prompt), args.num_images, *batch.images.shape[1:])

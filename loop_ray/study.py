@@ -286,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
 
     extra = parse_overrides(args.set)
     cfg = load_config(args.config, extra)
+    from loop_ray.utils import output_folder
+
+    output_folder(args.out)  # fails now rather than after the runs
     iterations = args.iterations if args.iterations is not None else cfg.iterations
     seeds = list(range(args.seeds))
     ipi = args.images_per_iteration

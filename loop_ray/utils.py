@@ -20,3 +20,18 @@ def pin_threads(n: int = 1) -> None:
         torch.set_num_interop_threads(n)
     except RuntimeError:  # already set once in this process
         pass
+
+
+def output_folder(path, flag: str = "--out"):
+    """Create the output folder `path` (and its parents) before any work is done, so that a path that
+    cannot be written fails at once, naming the flag; returns it as a Path."""
+    from pathlib import Path
+
+    from loop_ray.config import ConfigError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{flag} {path}: cannot create the folder ({err.strerror or err})") from None
+    return path

@@ -140,3 +140,24 @@ def test_prompt_path_to_a_folder_names_the_key_and_the_folder(tmp_path):
 def test_unknown_reward_names_the_key_and_the_registered_rewards(tmp_path):
     p = _train(tmp_path, DEBUG, "reward.terms.0.name=no_such_reward")
     _assert_refused(p, tmp_path, "reward.terms.0.name", "'no_such_reward'", "jpeg_compressibility")
+
+
+# ------------------------------------------------------------------- the other commands' paths
+@pytest.mark.parametrize("argv, named", [
+    (["eval", "--checkpoint", "{tmp}/no-such-run"], "--checkpoint {tmp}/no-such-run: no such folder"),
+    (["eval"], "--config is required"),
+    (["sample", "--config", str(DEBUG), "--prompt", "x", "--out", "{tmp}/file.txt/grid.png"], "--out {tmp}/file.txt"),
+    (["pretrain-toy", "--tiny", "--steps", "1", "--out", "{tmp}/file.txt/model"], "--out {tmp}/file.txt/model"),
+    (["diagnose", "--config", "{tmp}/no-such.yaml"], "{tmp}/no-such.yaml"),
+], ids=["eval-checkpoint", "eval-no-config", "sample-out", "pretrain-out", "diagnose-config"])
+def test_other_commands_name_a_bad_path_in_one_line(tmp_path, argv, named):
+    (tmp_path / "file.txt").write_text("a file where a folder is wanted\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    p = subprocess.run([sys.executable, "-m", "loop_ray.cli", *args], check=False, cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    lines = [line for line in p.stderr.splitlines() if line.startswith("loop-ray ")]
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"loop-ray {argv[0]}: "), p.stderr
+    assert named.replace("{tmp}", str(tmp_path)) in lines[0], p.stderr

@@ -153,3 +153,48 @@ def test_rng_state_round_trips_through_json():
     a = (random.random(), np.random.rand(), torch.rand(1).item())
     restore_rng(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+class PipelineLearner(FakeLearner):
+    """Also makes the checkpoint a whole pipeline, as learner rank 0 does: a trained unet/ and links
+    to frozen parts written once per run; `crash` fails while the frozen parts are written."""
+
+    def __init__(self, crash: bool = False):
+        super().__init__()
+        self.crash, self.frozen_writes = crash, 0
+
+    def write_parts(self, out):
+        self.frozen_writes += 1
+        (out / "text_encoder").mkdir()
+        (out / "text_encoder" / "model.safetensors").write_bytes(b"frozen" * 100)
+        if self.crash:
+            raise RuntimeError("node lost while writing the frozen parts")
+        (out / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+
+    def save_checkpoint(self, folder, tag):
+        written = super().save_checkpoint(folder, tag)
+        written["unet/weights"] = write_bytes_hashed((folder / "unet").mkdir() or folder / "unet" / "weights",
+                                                     tag.encode() * 10)
+        written.update(checkpoint.link_frozen_parts(folder, self.write_parts))
+        return written
+
+
+def test_frozen_parts_are_written_once_linked_and_verified(tmp_path):
+    state = {"iteration": 1, "records": []}
+    with pytest.raises(RuntimeError, match="frozen parts"):
+        save_checkpoint(tmp_path, 1, ExperimentConfig(), PipelineLearner(crash=True), state, 2)
+    assert not (tmp_path / "frozen").exists() and not (tmp_path / checkpoint_name(1)).exists()
+    learner = PipelineLearner()
+    for it in (1, 2, 3):
+        save_checkpoint(tmp_path, it, ExperimentConfig(), learner, {**state, "iteration": it}, keep_last=2)
+    assert learner.frozen_writes == 1  # once per run; the crash's temp folder was replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frozen", checkpoint_name(2), checkpoint_name(3)]
+    for it in (2, 3):
+        folder = tmp_path / checkpoint_name(it)
+        files = json.loads((folder / "MANIFEST.json").read_text())["files"]
+        assert files["text_encoder/model.safetensors"] == hash_file(tmp_path / "frozen" / "text_encoder" / "model.safetensors")
+        assert "model_index.json" in files and "unet/weights" in files
+        assert verify_checkpoint(folder)["iteration"] == it
+    (tmp_path / "frozen" / "text_encoder" / "model.safetensors").write_bytes(b"broken" * 100)  # same size
+    with pytest.raises(CheckpointError, match="text_encoder/model.safetensors does not match"):
+        verify_checkpoint(tmp_path / checkpoint_name(3))

@@ -51,7 +51,7 @@ def test_short_run_writes_every_output(ray_session, tmp_path):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert checkpoints == ["iter-000002"]  # keep_last=1 pruned iter-000001; no temp folder left
+    assert checkpoints == ["frozen", "iter-000002"]  # keep_last=1 pruned iter-000001; no temp folder left
     ckpt = run / "checkpoints" / "iter-000002"
     state = json.loads((ckpt / "driver_state.json").read_text())
     assert state["iteration"] == 2 and state["version"] == 2 and state["images_seen"] == 16

@@ -118,6 +118,15 @@ def save_toy_model(components: Components, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     components.unet.save_pretrained(folder / "unet")
+    save_toy_frozen_parts(components, folder)
+    return folder
+
+
+def save_toy_frozen_parts(components: Components, folder: str | Path) -> Path:
+    """Write everything of the model but unet/: text_encoder/, tokenizer/, scheduler/ and
+    model_index.json (a checkpoint adds its trained unet/ beside them)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     components.text_encoder.save_pretrained(folder / "text_encoder")
     save_tokenizer(components.tokenizer, folder / "tokenizer")
     components.scheduler.save_pretrained(folder / "scheduler")

@@ -219,7 +219,10 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from loop_ray.utils import output_folder
+
     args = parse_args(argv)
+    output_folder(args.out)  # fails now rather than after the training
     log = train(args)
     print(
         f"saved {args.out}: {log['unet_parameters'] + log['text_encoder_parameters']:,} parameters, "

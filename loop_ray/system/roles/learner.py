@@ -107,7 +107,9 @@ class LearnerWorker:
 
     def save_checkpoint(self, folder: str, tag: str) -> dict[str, dict]:
         """DeepSpeed's checkpoint (module, optimizer and its ZeRO partitions) under folder/deepspeed
-        (collective: every rank calls it); rank 0 also writes folder/trainable.pt and folder/unet.
+        (collective: every rank calls it); rank 0 also writes folder/trainable.pt and folder/unet, and
+        makes the folder a whole pipeline: model_index.json and links to the frozen parts, which it
+        writes once per run beside the checkpoints (checkpoint.link_frozen_parts).
         Returns the size and SHA-256 of each file this rank wrote (path relative to folder -> entry),
         hashed as it was written; the diffusers UNet, which diffusers writes itself, is hashed here
         right after, on the node that wrote it."""
@@ -125,6 +127,11 @@ class LearnerWorker:
             for p in sorted((folder_path / name).rglob("*")):
                 if p.is_file():
                     written[p.relative_to(folder_path).as_posix()] = hash_file(p)
+            from loop_ray.diffusion.pipeline_parts import write_frozen_parts
+            from loop_ray.system.run.checkpoint import link_frozen_parts
+
+            kind = self.cfg.model.kind
+            written.update(link_frozen_parts(folder_path, lambda out: write_frozen_parts(self.policy, kind, out)))
         return written
 
     def load_checkpoint(self, folder: str, tag: str) -> str:

@@ -13,12 +13,22 @@ with a message naming it; `latest_good_checkpoint` then falls back to the previo
 
   unet/               the trained UNet in diffusers format (LoRA merged): UNet2DConditionModel.from_pretrained;
                       transformer/ instead for a flow model (SD3Transformer2DModel / FluxTransformer2DModel)
+  model_index.json    the pipeline's index, so that the folder is a whole pipeline: the pipeline class's
+                      own from_pretrained(CKPT) loads it (toy: loop_ray.toy.model.load_toy_components)
+  text_encoder/ ...   the frozen parts (text encoders, tokenizers, scheduler, VAE): relative symlinks
+                      into ../frozen/, which rank 0 writes once per run (see `link_frozen_parts`)
   trainable.pt        the policy's trainable state dict (learner rank 0)
   deepspeed/<tag>/    DeepSpeed's checkpoint: module, optimizer state (every rank's ZeRO partition)
   driver_state.json   iteration, policy version, images seen, stat-tracker state, RNG states,
                       the metrics records so far
   config.yaml         the run's resolved configuration
-  MANIFEST.json       sizes and hashes of all of the above
+  MANIFEST.json       sizes and hashes of all of the above, the linked frozen files included (so a
+                      damaged frozen file is refused by name, like any other)
+
+checkpoints/frozen/ holds the frozen parts once (written to checkpoints/.tmp-frozen/ with its own
+MANIFEST.json and renamed, as a checkpoint is); pruning a checkpoint removes its links, never the
+targets, so every remaining checkpoint stays whole. Copy a single checkpoint elsewhere with
+`cp -rL` (dereferencing the links); copying a whole run folder or its checkpoints/ keeps them working.
 
 The learner workers write into the folder themselves, so on a multi-node cluster `output_dir`
 must be a filesystem every learner node shares with the driver.
@@ -28,7 +38,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from loop_ray.config import ExperimentConfig, config_to_yaml
@@ -37,6 +49,7 @@ from loop_ray.filehash import hash_file, write_bytes_hashed
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
+FROZEN = "frozen"  # checkpoints/frozen/: the pipeline's frozen parts, linked from every checkpoint
 
 
 class CheckpointError(RuntimeError):
@@ -47,13 +60,52 @@ def checkpoint_name(iteration: int) -> str:
     return f"iter-{iteration:06d}"
 
 
+def _files(folder: Path) -> list[Path]:
+    """Every file under `folder`, through symlinked folders (the frozen parts), sorted."""
+    out = []
+    for top, _, names in os.walk(folder, followlinks=True):
+        out += [Path(top) / n for n in names]
+    return sorted(p for p in out if p.is_file())
+
+
+def link_frozen_parts(checkpoint: Path, write_parts: Callable[[Path], None]) -> dict[str, dict]:
+    """Make the checkpoint folder `checkpoint` a whole pipeline: copy model_index.json into it and
+    link (relative symlinks) each frozen part folder from `checkpoint.parent / FROZEN`, which is
+    written first if the run has none yet: `write_parts(folder)` writes model_index.json and the part
+    folders into a temp folder, which is hashed (once per run), given a manifest and renamed.
+    Returns the manifest entries of the checkpoint's new files (the linked files under their
+    paths through the links; their hashes from the frozen folder's manifest, not read again)."""
+    checkpoint = Path(checkpoint)
+    shared = checkpoint.parent / FROZEN
+    if not (shared / MANIFEST).is_file():
+        tmp = checkpoint.parent / f".tmp-{FROZEN}"
+        for old in (tmp, shared):  # a crash's leftovers: a frozen folder is final only with its manifest
+            if old.exists():
+                shutil.rmtree(old)
+        tmp.mkdir(parents=True)
+        write_parts(tmp)
+        if not (tmp / "model_index.json").is_file():
+            raise CheckpointError(f"{tmp}: the frozen parts were written without a model_index.json")
+        write_manifest(tmp, {})
+        tmp.rename(shared)
+    files = json.loads((shared / MANIFEST).read_text())["files"]
+    written = {"model_index.json": write_bytes_hashed(checkpoint / "model_index.json",
+                                                      (shared / "model_index.json").read_bytes())}
+    for part in sorted({rel.split("/")[0] for rel in files if "/" in rel}):
+        if (checkpoint / part).exists():
+            raise CheckpointError(f"checkpoint {checkpoint}: {part}/ is both trained and frozen")
+        (checkpoint / part).symlink_to(Path("..") / FROZEN / part, target_is_directory=True)
+    written.update((rel, entry) for rel, entry in files.items() if "/" in rel)
+    return written
+
+
 def write_manifest(folder: Path, written: dict[str, dict]) -> dict:
     """MANIFEST.json for every file under `folder`: the entries in `written` (hashed while written),
     and for a file not in it (one a library wrote by itself, e.g. DeepSpeed's `latest`) its entry
     from disk. A written entry whose size no longer matches the file raises CheckpointError."""
     files = {}
-    for p in sorted(folder.rglob("*")):
-        if not p.is_file() or p.name == MANIFEST:
+    for p in _files(folder):
+        if p.name == MANIFEST and p.parent == folder:
             continue
         rel = p.relative_to(folder).as_posix()
         entry = written.get(rel)
@@ -89,7 +141,9 @@ def verify_checkpoint(folder: Path) -> dict:
     for rel, meta in files.items():
         p = folder / rel
         if not p.is_file():
-            raise CheckpointError(f"checkpoint {folder}: {rel} is missing")
+            link = folder / rel.split("/")[0]
+            via = f" (through the link {link.name} -> {os.readlink(link)})" if link.is_symlink() else ""
+            raise CheckpointError(f"checkpoint {folder}: {rel} is missing{via}")
         if p.stat().st_size != meta["bytes"]:
             raise CheckpointError(
                 f"checkpoint {folder}: {rel} has {p.stat().st_size} bytes, the manifest says {meta['bytes']} (truncated?)"
