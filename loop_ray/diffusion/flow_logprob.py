@@ -52,9 +52,8 @@ import math
 
 import torch
 
-from loop_ray.diffusion.logprob import draw_noise
+from loop_ray.diffusion.logprob import gaussian_transition
 
-_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 SDE_KINDS = ("sde", "cps")
 
 
@@ -144,15 +143,5 @@ def flow_step_with_logprob(
         for c in flow_step_coefficients(sigmas, step_index, noise_level, sde, batch)
     )
     mu = c_x * x + c_v * v
-    if prev_sample is None:
-        z = draw_noise(x.shape, generator, device, dtype) if noise is None else noise.to(device, dtype)
-        prev_sample = mu + std * z
-    prev_sample = prev_sample.detach().to(dtype)
-
-    stochastic = std > 0
-    safe_std = torch.where(stochastic, std, torch.ones_like(std))
-    log_density = -((prev_sample - mu) ** 2) / (2 * safe_std**2) - safe_std.log() - _LOG_SQRT_2PI
-    log_density = torch.where(stochastic, log_density, torch.zeros_like(log_density))
-    dims = tuple(range(1, x.dim()))
-    log_prob = log_density.mean(dim=dims) if reduce == "mean" else log_density.sum(dim=dims)
+    prev_sample, log_prob = gaussian_transition(mu, std, prev_sample, noise, generator, reduce)
     return prev_sample.to(sample.dtype), log_prob

@@ -160,15 +160,31 @@ def ddim_step_with_logprob(
     direction = direction_coefficient * eps  # "direction pointing to x_t"
     mu_t = sqrt_abar_prev * x0_pred + direction
 
-    if prev_sample is None:
-        z = draw_noise(x_t.shape, generator, device, dtype) if noise is None else noise.to(device, dtype)
-        prev_sample = mu_t + sigma_t * z
-    prev_sample = prev_sample.detach().to(dtype)
-
-    stochastic = sigma_t > 0
-    safe_sigma = torch.where(stochastic, sigma_t, torch.ones_like(sigma_t))
-    log_density = -((prev_sample - mu_t) ** 2) / (2 * safe_sigma**2) - safe_sigma.log() - _LOG_SQRT_2PI
-    log_density = torch.where(stochastic, log_density, torch.zeros_like(log_density))
-    dims = tuple(range(1, x_t.dim()))
-    log_prob = log_density.mean(dim=dims) if reduce == "mean" else log_density.sum(dim=dims)
+    prev_sample, log_prob = gaussian_transition(mu_t, sigma_t, prev_sample, noise, generator, reduce)
     return prev_sample.to(sample.dtype), log_prob
+
+
+def gaussian_transition(
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    prev_sample: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    reduce: str = "mean",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussian transition x' ~ N(mu, sigma^2 I) that every sampler step ends in (DDIM here, the
+    flow SDE / CPS steps in flow_logprob): draws x' = mu + sigma z (z given as `noise` or drawn from
+    `generator`) unless `prev_sample` is given, and returns (x' detached, log N(x'; mu, sigma^2 I))
+    reduced over the non-batch dimensions by `reduce` ("mean": DDPO's convention; "sum"). sigma is
+    [B, 1, ...]; rows with sigma = 0 are deterministic and get log-prob 0 (and gradient 0, never NaN)."""
+    if prev_sample is None:
+        z = draw_noise(mu.shape, generator, mu.device, mu.dtype) if noise is None else noise.to(mu.device, mu.dtype)
+        prev_sample = mu + sigma * z
+    prev_sample = prev_sample.detach().to(mu.dtype)
+    stochastic = sigma > 0
+    safe_sigma = torch.where(stochastic, sigma, torch.ones_like(sigma))
+    log_density = -((prev_sample - mu) ** 2) / (2 * safe_sigma**2) - safe_sigma.log() - _LOG_SQRT_2PI
+    log_density = torch.where(stochastic, log_density, torch.zeros_like(log_density))
+    dims = tuple(range(1, mu.dim()))
+    log_prob = log_density.mean(dim=dims) if reduce == "mean" else log_density.sum(dim=dims)
+    return prev_sample, log_prob

@@ -17,6 +17,15 @@ import ray
 log = logging.getLogger(__name__)
 
 
+def get_or_none(ref, what: str):
+    """ray.get(ref), or None (with a warning naming `what`) when the call's actor or task failed."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as err:
+        log.warning("%s failed: %s", what, str(err).splitlines()[0])
+        return None
+
+
 class ActorSet:
     def __init__(self, role: str, actors: list, factory: Callable[[int], object] | None = None,
                  ping_timeout: float = 300.0):

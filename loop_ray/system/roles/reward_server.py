@@ -25,6 +25,7 @@ import ray
 from loop_ray.config import ExperimentConfig
 from loop_ray.rewards.checks import describe_problems
 from loop_ray.rewards.composite import combine_scores
+from loop_ray.system.roles.actors import get_or_none
 from loop_ray.utils import pin_threads
 
 log = logging.getLogger(__name__)
@@ -135,14 +136,6 @@ class RewardCall:
     refs: list
 
 
-def _get(ref, what: str):
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayError as err:
-        log.warning("%s failed: %s", what, str(err).splitlines()[0])
-        return None
-
-
 class RewardPool:
     """Driver-side handle on all reward actors: one RewardGroup per term group (the shared group,
     when there is one, first)."""
@@ -169,7 +162,7 @@ class RewardPool:
         partials, repeated = [], 0
         for g, (group, ref) in enumerate(zip(self.groups, call.refs)):
             label = what if len(self.groups) == 1 else f"{what} (reward group {g})"
-            result, attempt = _get(ref, label), 0
+            result, attempt = get_or_none(ref, label), 0
             while result is None and attempt < retries:
                 attempt += 1
                 try:
@@ -177,7 +170,7 @@ class RewardPool:
                 except ray.exceptions.RayError as err:
                     log.warning("reward actor cannot be revived: %s", str(err).splitlines()[0])
                     break
-                result = _get(ref, f"{label}, attempt {attempt + 1}")
+                result = get_or_none(ref, f"{label}, attempt {attempt + 1}")
             repeated += attempt
             group.forget(ref)
             partials.append(result)

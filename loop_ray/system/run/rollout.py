@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
-from loop_ray.system.roles.actors import ActorSet
+from loop_ray.system.roles.actors import ActorSet, get_or_none
 from loop_ray.system.roles.buffer import TrajectoryBuffer
 from loop_ray.system.roles.reward_server import RewardPool
 from loop_ray.system.roles.sampler import chunk_bounds
@@ -114,19 +114,11 @@ class RolloutResult:
     problems: list[str] = field(default_factory=list)  # what the reward terms got wrong
 
 
-def _get(ref, what: str):
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayError as err:
-        log.warning("%s failed: %s", what, str(err).splitlines()[0])
-        return None
-
-
 def _stats_with_retries(rollout: Rollout, j: int, retries: int) -> tuple[dict | None, int]:
     """Job j's sampler stats; when its call failed, the job is sent again with the same prompts
     and seeds (to sampler j once Ray restarted it or a fresh one replaced it, then to the next
     samplers), so the lost trajectories are regenerated exactly. Returns (stats, times resent)."""
-    stats = _get(rollout.stats_refs[j], f"sampler call {j} (iteration version {rollout.version})")
+    stats = get_or_none(rollout.stats_refs[j], f"sampler call {j} (iteration version {rollout.version})")
     attempt = 0
     while stats is None and attempt < retries:
         attempt += 1
@@ -138,7 +130,7 @@ def _stats_with_retries(rollout: Rollout, j: int, retries: int) -> tuple[dict | 
             continue
         log.warning("sampling job %d again on sampler %d with the same prompts and seeds (attempt %d)", j, i, attempt)
         _submit_job(rollout, j, sampler)
-        stats = _get(rollout.stats_refs[j], f"sampler call {j}, attempt {attempt + 1}")
+        stats = get_or_none(rollout.stats_refs[j], f"sampler call {j}, attempt {attempt + 1}")
     return stats, attempt
 
 
@@ -198,7 +190,7 @@ def fetch_images(rollout: Rollout, samples: list[int]) -> dict[int, np.ndarray]:
         for ref, (a, b) in zip(refs, spans):
             if wanted.isdisjoint(range(a, b)):
                 continue
-            chunk = _get(ref, "image chunk")
+            chunk = get_or_none(ref, "image chunk")
             if chunk is not None:
                 out.update({i: np.asarray(chunk["images"][i - a]) for i in range(a, b) if i in wanted})
     return out
