@@ -141,6 +141,10 @@ class AlgorithmConfig(_Section):
     # The null for every learning claim: `shuffle` permutes the advantages across all samples of an
     # iteration (same magnitudes, no information about which image was better)
     control: Literal["none", "shuffle"] = "none"
+    # Weight beta of a KL penalty to the reference policy (the weights the learner starts from),
+    # added to the loss of every trained step: beta * KL(p_ref(x_{t-1}|x_t,c) || p_theta(.|x_t,c)),
+    # averaged over latent dims like the log-probs (DPOK, Flow-GRPO). 0 = none (the paper's LOOP).
+    kl_beta: float = Field(0.0, ge=0.0)
 
 
 class LearnerConfig(_Section):

@@ -45,6 +45,8 @@ class LocalRun:
 
         cfg = self.cfg
         self.policy = build_policy(cfg, self.device)
+        if cfg.algorithm.kl_beta > 0:
+            self.policy.keep_reference()
         self.reward = CompositeReward.from_config(cfg.reward)
         self.train_set = load_prompts(cfg.prompts.train)
         self.val_set = load_prompts(cfg.prompts.val)

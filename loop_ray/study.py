@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/study", help="output folder")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--images-per-iteration", type=int, default=48, help="divisible by every K (default 48)")
+    p.add_argument("--images-per-iteration", type=int, default=96, help="divisible by every K (default 96)")
     p.add_argument("--iterations", type=int, default=None, help="default: the config's")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=1, help="runs in parallel (processes)")

@@ -49,6 +49,7 @@ def _one(job: dict) -> dict:
         "train_reward": [round(x["reward_mean"], 4) for x in h],
         "approx_kl": [round(x["learner/approx_kl"], 6) for x in h],
         "clip_fraction": [round(x["learner/clip_fraction"], 3) for x in h],
+        "kl_ref": [round(x.get("learner/kl_ref", 0.0), 6) for x in h],
         "seconds": round(time.perf_counter() - start, 1),
     }
 

@@ -74,6 +74,6 @@ def test_default_study_config_resolves_for_every_method():
 
     data = yaml.safe_load(Path("configs/study.yaml").read_text())
     for label in METHODS:
-        cfg = config_from_dict(data, "configs/study.yaml", method_overrides(label, 48))
-        assert cfg.sampling.k * cfg.sampling.prompts_per_iteration == 48
+        cfg = config_from_dict(data, "configs/study.yaml", method_overrides(label, 96))
+        assert cfg.sampling.k * cfg.sampling.prompts_per_iteration == 96
         assert cfg.eval.images_per_prompt == 10  # the paper's evaluation

@@ -75,15 +75,17 @@ def test_async_mode_learns_from_samples_one_version_old(ray_session, tmp_path):
                for r in records)
 
 
-def test_async_mode_with_a_sliding_window_branching_and_the_shuffle_control(ray_session, tmp_path):
-    """The lower-noise sampling designs and the null control go through the whole system: samplers
-    sample the iteration's window with branched groups, the buffer shuffles the advantages, the
-    learner trains on the window only, one version behind."""
+def test_async_mode_with_a_sliding_window_branching_the_shuffle_control_and_a_kl_penalty(ray_session, tmp_path):
+    """The lower-noise sampling designs, the KL penalty and the null control go through the whole
+    system: samplers sample the iteration's window with branched groups, the buffer shuffles the
+    advantages, the learner trains on the window only, one version behind, pulled towards the
+    weights it started from."""
     cfg = load_config("configs/debug.yaml", {
         "output_dir": str(tmp_path), "iterations": 3, "cluster.mode": "async", "cluster.max_staleness": 1,
         "eval.max_prompts": 2, "eval.images_per_prompt": 1, "sampling.sde_window": 2,
         "sampling.sde_window_placement": "sliding", "sampling.group_noise": "branch",
         "algorithm.control": "shuffle", "algorithm.skip_first_steps": 0, "algorithm.timestep_fraction": 1.0,
+        "algorithm.kl_beta": 0.1,
     })
     records = _records(train(cfg).run_dir, "train")
     assert [r["staleness/mean"] for r in records] == [0.0, 1.0, 1.0]
@@ -91,6 +93,8 @@ def test_async_mode_with_a_sliding_window_branching_and_the_shuffle_control(ray_
     assert records[0]["learner/first_ratio_max_abs_dev"] <= 1e-5
     # 2 epochs x 2 minibatches x the window's 2 steps, one optimizer step per minibatch
     assert all(r["learner/micro_steps"] == 8 and r["learner/optimizer_steps"] == 4 for r in records)
+    # the weights move away from the reference, so the KL to it is positive (0 before the first step)
+    assert all(r["learner/kl_ref"] > 0 for r in records)
 
 
 def test_async_mode_with_staleness_zero_is_sync_mode(ray_session, tmp_path):

@@ -31,6 +31,8 @@ batch or on `batch_size`.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from collections.abc import Sequence
 from typing import Literal
 
@@ -263,15 +265,72 @@ class PolicyBase:
         size, n = idx.shape
         if size != len(batch):
             raise ValueError(f"step_indices has {size} rows for a batch of {len(batch)}")
-        rows = torch.arange(size, device=idx.device)[:, None].expand(size, n)
-        x_t = batch.latents[rows, idx].flatten(0, 1).to(self.device)
-        x_next = batch.latents[rows, idx + 1].flatten(0, 1).to(self.device)
-        steps = idx.flatten().cpu()
-        cond = {name: v.repeat_interleave(n, 0) for name, v in batch.conditioning().items()}
+        x_t, x_next, steps, cond = self._stored_transitions(batch, idx)
         out = self._model_output(x_t, steps, cond)
         _, logp = self._transition(steps, out, x_t, self.eta, prev_sample=x_next)
         logp = logp.view(size, n)
         return logp[:, 0] if one_per_sample else logp
+
+    def _stored_transitions(self, batch: TrajectoryBatch, idx: torch.Tensor):
+        """(x_t, x_{t-1}, step indices, conditioning) of the stored transitions idx [B, n], flattened
+        to B*n rows, sample-major."""
+        size, n = idx.shape
+        rows = torch.arange(size, device=idx.device)[:, None].expand(size, n)
+        x_t = batch.latents[rows, idx].flatten(0, 1).to(self.device)
+        x_next = batch.latents[rows, idx + 1].flatten(0, 1).to(self.device)
+        cond = {name: v.repeat_interleave(n, 0) for name, v in batch.conditioning().items()}
+        return x_t, x_next, idx.flatten().cpu(), cond
+
+    def keep_reference(self) -> None:
+        """Keep the current weights as the reference policy of `log_prob_and_reference_kl` (call it before any
+        update or checkpoint load). LoRA keeps no copy: the reference is the network with its
+        adapters off; otherwise a frozen copy of the network is kept."""
+        module = self._module()
+        if any("lora_" in name for name, _ in module.named_parameters()):
+            self._reference = "adapters_off"
+        else:
+            self._reference = copy.deepcopy(module).requires_grad_(False).eval()
+
+    @contextlib.contextmanager
+    def _reference_network(self):
+        reference = getattr(self, "_reference", None)
+        if reference is None:
+            raise RuntimeError("algorithm.kl_beta > 0 needs the reference policy: call keep_reference() first")
+        if reference == "adapters_off":
+            module = self._module()
+            module.disable_adapters()
+            try:
+                yield
+            finally:
+                module.enable_adapters()
+            return
+        network, self.unet = self.unet, reference
+        try:
+            yield
+        finally:
+            self.unet = network
+
+    def log_prob_and_reference_kl(
+        self, batch: TrajectoryBatch, step_indices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p_theta of the stored transitions as `log_prob` gives it, KL(p_ref || p_theta)) [B],
+        for one step index per sample, the KL with autograd through theta only.
+
+        Both transitions are Gaussians with the same std sigma_t, so with the log-prob's convention
+        (mean over latent dims) KL = mean_d (mu_theta - mu_ref)^2 / (2 sigma_t^2), which is
+        log p_ref(mu_ref) - log p_theta(mu_ref): each transition scores the reference's mean, drawn
+        by the reference with zero noise. Deterministic steps (sigma_t = 0) are not trained and must
+        not be asked for.
+        """
+        idx = torch.as_tensor(step_indices, dtype=torch.long).to(batch.latents.device)
+        x_t, x_next, steps, cond = self._stored_transitions(batch, idx[:, None])
+        out = self._model_output(x_t, steps, cond)
+        _, logp = self._transition(steps, out, x_t, self.eta, prev_sample=x_next)
+        with torch.no_grad(), self._reference_network():
+            ref_out = self._model_output(x_t, steps, cond)
+            mu_ref, logp_ref = self._transition(steps, ref_out, x_t, self.eta, noise=torch.zeros_like(x_t))
+        _, logp_at_ref = self._transition(steps, out, x_t, self.eta, prev_sample=mu_ref)
+        return logp, logp_ref - logp_at_ref
 
     # -------------------------------------------------------------------------------- weights
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

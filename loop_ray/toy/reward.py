@@ -13,6 +13,11 @@ over extra objects: other regions of an asked colour and regions of colours not 
 counted once it covers at least NOISE_AREA pixels. A blank canvas scores 0; a right-coloured
 wrong shape keeps partial credit; swapped colours or shapes between two objects lose the shape
 (and position) credit of both.
+
+`toy_object_area` is the easy reward of the embedded world (the size term of issue 14 §0): the
+share of the canvas the objects cover, sum over pixels of max over palette colours of the pixel's
+soft coverage of that colour, divided by the number of pixels. Every sample agrees on how to raise
+it (draw bigger objects), so it proves the learning machinery apart from binding.
 """
 
 from __future__ import annotations
@@ -167,3 +172,24 @@ def build_toy_binding(**kwargs):
         raise TypeError(f"reward toy_binding takes no options, got {sorted(kwargs)}")
     return binding_reward
 
+
+
+def object_area_reward(images, prompts: Sequence[str]) -> np.ndarray:
+    """float32 [B] in [0, 1]: the share of each image's pixels covered by object colours, soft: the
+    mean over pixels of max_colour colour_coverage (0 on the background grey, 1 on a palette colour)."""
+    images = as_uint8_images(images)
+    if len(prompts) != len(images):
+        raise ValueError(f"toy_object_area: {len(images)} images but {len(prompts)} prompts")
+    out = np.empty(len(images), dtype=np.float32)
+    for i, image in enumerate(images):
+        cover = np.max(np.stack([colour_coverage(image, c) for c in COLOURS]), axis=0)
+        out[i] = float(cover.mean())
+    return out
+
+
+@register("toy_object_area")
+def build_toy_object_area(**kwargs):
+    """The `toy_object_area` reward (no options): the easy, prompt-independent reward of issue 14 §0."""
+    if kwargs:
+        raise TypeError(f"reward toy_object_area takes no options, got {sorted(kwargs)}")
+    return object_area_reward

@@ -7,7 +7,8 @@ iteration's `sde_steps`, without the first `skip_first_steps` and last `skip_las
 as in DDPO. A micro-step is one minibatch at one
 sampled step per sample: the log-probs are recomputed under the current weights (same CFG as
 sampling), the advantages clamped to +-adv_clip_max, and the clipped importance-sampling loss of
-`loop_ray.algorithms.policy_loss` back-propagated. Gradients accumulate over the sampled steps and
+`loop_ray.algorithms.policy_loss` (plus kl_beta times the KL to the reference policy when
+`algorithm.kl_beta` > 0) back-propagated. Gradients accumulate over the sampled steps and
 `minibatches_per_step` minibatches before one optimizer step (DeepSpeed's accumulation boundary).
 """
 
@@ -80,9 +81,15 @@ def update_on_shard(
             chosen = steps[idx].gather(1, perms[:, :n_steps])  # [b, n_steps] step indices, one permutation per sample
             for j in range(n_steps):
                 step_idx = chosen[:, j]
-                logp_new = policy.log_prob(sub, step_idx)
+                if algo.kl_beta > 0:
+                    logp_new, kl = policy.log_prob_and_reference_kl(sub, step_idx)
+                else:
+                    logp_new, kl = policy.log_prob(sub, step_idx), None
                 logp_old = sub.log_probs.gather(1, step_idx[:, None]).squeeze(1).to(logp_new.device)
                 loss, m = policy_loss(logp_new, logp_old, adv.to(logp_new.device), algo.clip_eps, algo.importance_sampling)
+                if kl is not None:
+                    loss = loss + algo.kl_beta * kl.mean()
+                    m["kl_ref"] = kl.mean().item()
                 engine.backward(loss)
                 boundary = engine.is_gradient_accumulation_boundary()
                 held = held_grad_norm(engine, params) if boundary else None
@@ -95,7 +102,9 @@ def update_on_shard(
                     first_dev = max(first_dev, abs(m["ratio_max"] - 1.0), abs(1.0 - m["ratio_min"]))
     seconds = time.perf_counter() - start
     v = log.values
+    kl = {"kl_ref": log.mean("kl_ref")} if algo.kl_beta > 0 else {}  # the KL to the reference policy
     return {
+        **kl,
         "loss": log.mean("loss"),
         "clip_fraction": log.mean("clip_fraction"),
         "approx_kl": log.mean("approx_kl"),

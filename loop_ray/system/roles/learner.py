@@ -75,6 +75,8 @@ class LearnerWorker:
         from loop_ray.system.engines.deepspeed_engine import build_engine
 
         self.policy = build_policy(self.cfg, "cuda" if self.use_gpu else "cpu")
+        if self.cfg.algorithm.kl_beta > 0:  # the reference is the starting weights, also on resume
+            self.policy.keep_reference()
         num_trainable = num_trainable_steps(self.cfg, self.policy)
         self.engine = build_engine(self.cfg, self.policy, grad_accum_steps(self.cfg, num_trainable))
         self.weight_sync = ObjectStoreWeightSync()

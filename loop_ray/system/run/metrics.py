@@ -17,7 +17,7 @@ from loop_ray.system.roles.buffer import LearnBatch
 from loop_ray.system.roles.weights import PublishedWeights
 from loop_ray.system.run.rollout import RolloutResult
 
-_MEAN_KEYS = ("loss", "clip_fraction", "approx_kl", "ratio_mean", "grad_norm", "last_clip_fraction")
+_MEAN_KEYS = ("loss", "clip_fraction", "approx_kl", "kl_ref", "ratio_mean", "grad_norm", "last_clip_fraction")
 
 
 def scalars(record: dict) -> dict[str, float]:
@@ -85,7 +85,9 @@ def iteration_record(
     rec["work/reward_images"] = reward_work
     if learner:
         for key in _MEAN_KEYS:
-            rec[f"learner/{key}"] = float(np.nanmean([m[key] for m in learner]))
+            values = [m[key] for m in learner if key in m]  # kl_ref only with algorithm.kl_beta > 0
+            if values:
+                rec[f"learner/{key}"] = float(np.nanmean(values))
         rec["learner/ratio_min"] = min(m["ratio_min"] for m in learner)
         rec["learner/ratio_max"] = max(m["ratio_max"] for m in learner)
         rec["learner/grad_norm_max"] = max(m["grad_norm_max"] for m in learner)
