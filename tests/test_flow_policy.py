@@ -233,3 +233,37 @@ def test_the_transformer_can_be_wrapped_by_an_engine(policy, batch):
     assert wrapped.trainable_state_dict().keys() == policy.transformer.state_dict().keys()
     logp = wrapped.log_prob(batch, torch.full((len(batch),), 2))
     assert (torch.exp(logp - batch.log_probs[:, 2]) - 1).abs().max() <= 1e-6
+
+
+def test_the_kl_to_the_reference_is_the_gaussian_kl_of_the_sde_means(policy, batch):
+    """`algorithm.kl_beta` on a flow policy: KL = mean_d (mu_theta - mu_ref)^2 / (2 sigma_s^2), with
+    the means of the SDE step (zero noise) and sigma_s the step's std (`policy.sigmas`)."""
+    import copy
+
+    steps = torch.tensor([0, 1, 2, 0, 1, 2])
+    state = copy.deepcopy(policy.unet.state_dict())
+    policy.keep_reference()
+    try:
+        assert torch.equal(policy.log_prob_and_reference_kl(batch, steps)[1], torch.zeros(len(batch)))
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in policy.unet.parameters():
+                p.add_(0.2 * p.abs().mean() * torch.randn(p.shape, generator=g))
+        logp, kl = policy.log_prob_and_reference_kl(batch, steps)
+        x_t, _, idx, cond = policy._stored_transitions(batch, steps[:, None])
+        with torch.no_grad():
+            mu = policy._transition(idx, policy._model_output(x_t, idx, cond), x_t, policy.eta,
+                                    noise=torch.zeros_like(x_t))[0].double()
+            reference, policy.unet = policy.unet, policy._reference
+            mu_ref = policy._transition(idx, policy._model_output(x_t, idx, cond), x_t, policy.eta,
+                                        noise=torch.zeros_like(x_t))[0].double()
+            policy.unet = reference
+        sigma = policy.sigmas[idx].double()
+        expected = ((mu - mu_ref) ** 2).flatten(1).mean(1) / (2 * sigma**2)
+        # a difference of two float32 log-densities of size |log sigma| + 0.92 (4u each), plus the
+        # float32 rounding of the means relative to their difference
+        tol = 4 * 2**-24 * (sigma.log().abs() + 0.92) + 1e-3 * expected
+        assert (expected > 100 * tol).all() and ((kl.double() - expected).abs() <= tol).all()
+    finally:
+        policy.unet.load_state_dict(state)
+        del policy._reference
