@@ -250,6 +250,7 @@ def test_the_kl_to_the_reference_is_the_gaussian_kl_of_the_sde_means(policy, bat
             for p in policy.unet.parameters():
                 p.add_(0.2 * p.abs().mean() * torch.randn(p.shape, generator=g))
         logp, kl = policy.log_prob_and_reference_kl(batch, steps)
+        assert torch.equal(logp.detach(), policy.log_prob(batch, steps).detach())
         x_t, _, idx, cond = policy._stored_transitions(batch, steps[:, None])
         with torch.no_grad():
             mu = policy._transition(idx, policy._model_output(x_t, idx, cond), x_t, policy.eta,
