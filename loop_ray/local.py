@@ -25,7 +25,12 @@ from loop_ray.prompts import load_prompts
 from loop_ray.rewards.checks import InvalidRewardsError, describe_problems
 from loop_ray.rewards.composite import CompositeReward
 from loop_ray.system.engines.torch_engine import TorchEngine
-from loop_ray.system.engines.update import grad_accum_steps, num_trainable_steps, update_on_shard
+from loop_ray.system.engines.update import (
+    build_learner_policy,
+    grad_accum_steps,
+    num_trainable_steps,
+    update_on_shard,
+)
 from loop_ray.system.run.plan import plan_iteration
 
 log = logging.getLogger(__name__)
@@ -41,12 +46,8 @@ class LocalRun:
     reward: CompositeReward = field(init=False)
 
     def __post_init__(self):
-        from loop_ray.diffusion.models import build_policy
-
         cfg = self.cfg
-        self.policy = build_policy(cfg, self.device)
-        if cfg.algorithm.kl_beta > 0:
-            self.policy.keep_reference()
+        self.policy = build_learner_policy(cfg, self.device)
         self.reward = CompositeReward.from_config(cfg.reward)
         self.train_set = load_prompts(cfg.prompts.train)
         self.val_set = load_prompts(cfg.prompts.val)

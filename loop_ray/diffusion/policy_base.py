@@ -265,9 +265,7 @@ class PolicyBase:
         size, n = idx.shape
         if size != len(batch):
             raise ValueError(f"step_indices has {size} rows for a batch of {len(batch)}")
-        x_t, x_next, steps, cond = self._stored_transitions(batch, idx)
-        out = self._model_output(x_t, steps, cond)
-        _, logp = self._transition(steps, out, x_t, self.eta, prev_sample=x_next)
+        logp, _ = self._score_stored(batch, idx)
         logp = logp.view(size, n)
         return logp[:, 0] if one_per_sample else logp
 
@@ -281,10 +279,18 @@ class PolicyBase:
         cond = {name: v.repeat_interleave(n, 0) for name, v in batch.conditioning().items()}
         return x_t, x_next, idx.flatten().cpu(), cond
 
+    def _score_stored(self, batch: TrajectoryBatch, idx: torch.Tensor):
+        """log p_theta of the stored transitions idx [B, n] (flattened, with autograd), and the
+        inputs and network output it used: (logp, (x_t, steps, cond, out))."""
+        x_t, x_next, steps, cond = self._stored_transitions(batch, idx)
+        out = self._model_output(x_t, steps, cond)
+        _, logp = self._transition(steps, out, x_t, self.eta, prev_sample=x_next)
+        return logp, (x_t, steps, cond, out)
+
     def keep_reference(self) -> None:
-        """Keep the current weights as the reference policy of `log_prob_and_reference_kl` (call it before any
-        update or checkpoint load). LoRA keeps no copy: the reference is the network with its
-        adapters off; otherwise a frozen copy of the network is kept."""
+        """Keep the current weights as the reference policy of `log_prob_and_reference_kl` (call it
+        before any update or checkpoint load). LoRA keeps no copy: the reference is the network with
+        its adapters off; otherwise a frozen copy of the network is kept."""
         module = self._module()
         if any("lora_" in name for name, _ in module.named_parameters()):
             self._reference = "adapters_off"
@@ -323,9 +329,7 @@ class PolicyBase:
         not be asked for.
         """
         idx = torch.as_tensor(step_indices, dtype=torch.long).to(batch.latents.device)
-        x_t, x_next, steps, cond = self._stored_transitions(batch, idx[:, None])
-        out = self._model_output(x_t, steps, cond)
-        _, logp = self._transition(steps, out, x_t, self.eta, prev_sample=x_next)
+        logp, (x_t, steps, cond, out) = self._score_stored(batch, idx[:, None])
         with torch.no_grad(), self._reference_network():
             ref_out = self._model_output(x_t, steps, cond)
             mu_ref, logp_ref = self._transition(steps, ref_out, x_t, self.eta, noise=torch.zeros_like(x_t))

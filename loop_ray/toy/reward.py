@@ -173,7 +173,6 @@ def build_toy_binding(**kwargs):
     return binding_reward
 
 
-
 def object_area_reward(images, prompts: Sequence[str]) -> np.ndarray:
     """float32 [B] in [0, 1]: the share of each image's pixels covered by object colours, soft: the
     mean over pixels of max_colour colour_coverage (0 on the background grey, 1 on a palette colour)."""

@@ -35,6 +35,18 @@ def grad_accum_steps(cfg: ExperimentConfig, num_trainable: int) -> int:
     return train_steps_per_sample(cfg, num_trainable) * cfg.learner.minibatches_per_step
 
 
+def build_learner_policy(cfg: ExperimentConfig, device: str):
+    """The policy a learner trains: `build_policy`, keeping its starting weights as the reference of
+    the KL term when `algorithm.kl_beta` > 0 (before any checkpoint load, so a resumed run keeps the
+    same reference). Samplers build theirs with `build_policy` alone."""
+    from loop_ray.diffusion.models import build_policy
+
+    policy = build_policy(cfg, device)
+    if cfg.algorithm.kl_beta > 0:
+        policy.keep_reference()
+    return policy
+
+
 def num_trainable_steps(cfg: ExperimentConfig, policy) -> int:
     """How many steps of each sample may be trained on (the same in every iteration: a window has a
     fixed size), from iteration 0's stochastic steps."""
@@ -88,8 +100,9 @@ def update_on_shard(
                 logp_old = sub.log_probs.gather(1, step_idx[:, None]).squeeze(1).to(logp_new.device)
                 loss, m = policy_loss(logp_new, logp_old, adv.to(logp_new.device), algo.clip_eps, algo.importance_sampling)
                 if kl is not None:
-                    loss = loss + algo.kl_beta * kl.mean()
-                    m["kl_ref"] = kl.mean().item()
+                    kl = kl.mean()
+                    loss = loss + algo.kl_beta * kl
+                    m["kl_ref"] = kl.item()
                 engine.backward(loss)
                 boundary = engine.is_gradient_accumulation_boundary()
                 held = held_grad_norm(engine, params) if boundary else None
@@ -102,9 +115,9 @@ def update_on_shard(
                     first_dev = max(first_dev, abs(m["ratio_max"] - 1.0), abs(1.0 - m["ratio_min"]))
     seconds = time.perf_counter() - start
     v = log.values
-    kl = {"kl_ref": log.mean("kl_ref")} if algo.kl_beta > 0 else {}  # the KL to the reference policy
+    kl_ref = {"kl_ref": log.mean("kl_ref")} if algo.kl_beta > 0 else {}  # the KL to the reference policy
     return {
-        **kl,
+        **kl_ref,
         "loss": log.mean("loss"),
         "clip_fraction": log.mean("clip_fraction"),
         "approx_kl": log.mean("approx_kl"),

@@ -23,7 +23,12 @@ import torch
 from loop_ray.config import ExperimentConfig
 from loop_ray.filehash import hash_file, write_hashed
 from loop_ray.system.engines.deepspeed_engine import hashed_saves
-from loop_ray.system.engines.update import grad_accum_steps, num_trainable_steps, update_on_shard
+from loop_ray.system.engines.update import (
+    build_learner_policy,
+    grad_accum_steps,
+    num_trainable_steps,
+    update_on_shard,
+)
 from loop_ray.system.launch.cluster import actor_options, role_resources
 from loop_ray.system.roles.weights import ObjectStoreWeightSync, PublishedWeights
 from loop_ray.trajectory import TrajectoryBatch
@@ -71,12 +76,9 @@ class LearnerWorker:
             backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
             world_size=self.world_size, timeout=timedelta(minutes=10),
         )
-        from loop_ray.diffusion.models import build_policy
         from loop_ray.system.engines.deepspeed_engine import build_engine
 
-        self.policy = build_policy(self.cfg, "cuda" if self.use_gpu else "cpu")
-        if self.cfg.algorithm.kl_beta > 0:  # the reference is the starting weights, also on resume
-            self.policy.keep_reference()
+        self.policy = build_learner_policy(self.cfg, "cuda" if self.use_gpu else "cpu")
         num_trainable = num_trainable_steps(self.cfg, self.policy)
         self.engine = build_engine(self.cfg, self.policy, grad_accum_steps(self.cfg, num_trainable))
         self.weight_sync = ObjectStoreWeightSync()
