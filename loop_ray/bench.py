@@ -12,7 +12,7 @@ ours for the same work): above 1 loop-ray is faster, below 1 slower. Each figure
   learner      one learner phase (update_on_shard through DeepSpeed: clipped IS loss, accumulation,
                clipping, AdamW) against the bare forward+backward passes it must do
   end_to_end   one iteration of the Ray system (sync, then async) against the same iteration's parts
-               run in one process without Ray (loop_ray.local)
+               run in one process without Ray (loop_ray.training.single_process)
   weights      publication of the trainable weights through the object store: seconds and MB/s, for
                the embedded model and an SD2-shaped UNet
   memory       peak RSS of each role
@@ -86,15 +86,15 @@ def _diffusers_loop(components, prompts: list[str], num_steps: int, guidance: fl
 def bench_sampler(repeats: int, batch: int, steps: int, guidance: float) -> dict:
     from diffusers import StableDiffusionPipeline
 
-    from loop_ray.diffusion.models import tiny_sd_components
-    from loop_ray.diffusion.policy import DiffusionPolicy
+    from loop_ray.diffusion.ddim.policy import DDIMPolicy
+    from loop_ray.diffusion.ddim.tiny import tiny_sd_components
     from loop_ray.toy.model import load_toy_components
 
     prompts = ["a red circle and a blue square"] * batch
     out = {}
     # the embedded model
     comps = load_toy_components(None)
-    policy = DiffusionPolicy(comps, num_steps=steps, guidance_scale=guidance, eta=1.0)
+    policy = DDIMPolicy(comps, num_steps=steps, guidance_scale=guidance, eta=1.0)
     seeds = list(range(batch))
     ours = timed(lambda: policy.sample(prompts, 1, seeds, batch_size=batch), repeats)
     ref = timed(lambda: _diffusers_loop(comps, prompts, steps, guidance, 0), repeats)
@@ -102,7 +102,7 @@ def bench_sampler(repeats: int, batch: int, steps: int, guidance: float) -> dict
                        "images_per_s": batch / ours["median_s"], "batch": batch, "steps": steps}
     # the tiny SD-shaped stack (latent space, VAE decode)
     comps = tiny_sd_components(0)
-    policy = DiffusionPolicy(comps, num_steps=steps, guidance_scale=guidance, eta=1.0)
+    policy = DDIMPolicy(comps, num_steps=steps, guidance_scale=guidance, eta=1.0)
     pipe = StableDiffusionPipeline(
         vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
         scheduler=policy.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -122,8 +122,8 @@ def bench_flow_sampler(repeats: int, batch: int, steps: int, guidance: float = 4
     """The flow policy (Flow-GRPO's SDE, a = 0.7, every latent and log-prob stored) against a bare
     diffusers StableDiffusion3Pipeline on the same tiny SD3 weights, steps, batch, CFG and T5 length.
     The throughput ratio is images/s of loop-ray over images/s of diffusers: higher is faster."""
-    from loop_ray.diffusion.flow_models import TINY_RESOLUTION, pipeline_class, tiny_sd3_components
-    from loop_ray.diffusion.flow_policy import FlowPolicy
+    from loop_ray.diffusion.flow.models import TINY_RESOLUTION, pipeline_class, tiny_sd3_components
+    from loop_ray.diffusion.flow.policy import FlowPolicy
 
     prompts = ["a red circle and a blue square"] * batch
     comps = tiny_sd3_components(0)
@@ -146,9 +146,9 @@ def bench_learner(repeats: int) -> dict:
     import torch.distributed as dist
 
     from loop_ray.config import load_config
-    from loop_ray.diffusion.models import build_policy
-    from loop_ray.system.engines.deepspeed_engine import build_engine
-    from loop_ray.system.engines.update import grad_accum_steps, train_steps_per_sample, update_on_shard
+    from loop_ray.diffusion.factory import build_policy
+    from loop_ray.training.deepspeed_engine import build_engine
+    from loop_ray.training.update import grad_accum_steps, train_steps_per_sample, update_on_shard
 
     cfg = load_config("configs/toy.yaml", ["learner.num_workers=1", "sampling.prompts_per_iteration=4",
                                            "learner.minibatch_size=8", "learner.minibatches_per_step=2",

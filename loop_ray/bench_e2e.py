@@ -1,5 +1,5 @@
 """The benchmarks' end-to-end figure: iterations of the Ray system against the same iterations'
-parts run in one process without Ray (loop_ray.local), and the peak RSS of every role.
+parts run in one process without Ray (loop_ray.training.single_process), and the peak RSS of every role.
 
 Both sides run the toy world on a small batch (4 prompts x K=4) with the same config, prompts and
 seeds; an iteration's time is the driver's `iteration_seconds` (sample + score + learn + publish),
@@ -36,12 +36,12 @@ def _actor_peak_rss(actor) -> float:
 
 
 def bench_end_to_end(repeats: int) -> tuple[dict, dict]:
-    from loop_ray.local import LocalRun
     from loop_ray.prompts import load_prompts
     from loop_ray.system.launch import cluster
     from loop_ray.system.launch.launch import System
     from loop_ray.system.run.driver import Trainer
     from loop_ray.system.run.run_dir import RunDir
+    from loop_ray.training.single_process import SingleProcessRun
 
     iterations = repeats + 1
     common = [f"iterations={iterations}", "sampling.prompts_per_iteration=4", "learner.num_workers=1",
@@ -51,7 +51,7 @@ def bench_end_to_end(repeats: int) -> tuple[dict, dict]:
               "learner.num_cpus_per_worker=0.5"]
     out, memory = {}, {}
     local_cfg = load_config("configs/toy.yaml", common)
-    run = LocalRun(local_cfg)
+    run = SingleProcessRun(local_cfg)
     local_times = []
     for i in range(iterations):
         start = time.perf_counter()

@@ -66,7 +66,7 @@ class SamplingConfig(_Section):
     # step), shared (every step stochastic, only the sde steps' noise differs within a group)
     group_noise: Literal["independent", "branch", "shared"] = "independent"
 
-    # --- flow-matching models (loop_ray/diffusion/flow_logprob.py); eta is the DDIM models' ---
+    # --- flow-matching models (loop_ray/diffusion/flow/logprob.py); eta is the DDIM models' ---
     flow_sde: Literal["sde", "cps"] = "sde"  # Flow-GRPO's SDE step, or Flow-CPS's coefficient-preserving one
     flow_noise_level: float = Field(0.7, ge=0.0)  # a: sigma_s = a sqrt(s / (1 - s)) (sde), sin(a pi / 2) (cps)
     flow_resolution: int | None = Field(None, ge=8)  # image side in pixels; None = the model's default

@@ -154,7 +154,7 @@ def sample_scored(cfg, policy, reward, prompt_set, iteration: int):
     """(batch, rewards [G, K], advantages [G, K]) of `iteration`'s plan, the way training samples and
     scores it; groups with an invalid reward are left out (ValueError when all are)."""
     from loop_ray.algorithms import StatTracker, compute_advantages
-    from loop_ray.system.run.plan import plan_iteration
+    from loop_ray.training.plan import plan_iteration
 
     k, a = cfg.sampling.k, cfg.algorithm
     plan = plan_iteration(cfg, prompt_set, iteration)
@@ -210,7 +210,7 @@ def diagnose(cfg, *, prompts: int | None = None, splits: int = 200, iteration: i
              log=print) -> dict:
     """The whole diagnostic of one config (module docstring); returns the JSON-ready record."""
     from loop_ray.algorithms import apply_control, control_seed
-    from loop_ray.diffusion.models import build_policy
+    from loop_ray.diffusion.factory import build_policy
     from loop_ray.prompts import load_prompts
     from loop_ray.rewards.composite import CompositeReward
 

@@ -3,7 +3,7 @@
 Every method of the paper's study (REINFORCE, REINFORCE with a prompt-mean baseline, PPO = DDPO,
 LOOP with K = 2, 3, 4) and its neighbours (RLOO, GRPO) trains from the same pre-trained model with
 the same budget of generated images (so a method with K samples per prompt sees fewer prompts),
-with several seeds each, through the single-process loop (`loop_ray.local`), the same maths as the
+with several seeds each, through the single-process loop (`loop_ray.training.single_process`), the same maths as the
 Ray system. It writes:
   results.json   everything measured
   table.md       held-out reward per prompt category, mean +- std over seeds (the paper's Tables 1-2)
@@ -53,7 +53,7 @@ def method_overrides(label: str, images_per_iteration: int) -> dict:
 def _run_one(job: dict) -> dict:
     """One (method, seed) run in its own process."""
     from loop_ray.config import config_from_dict
-    from loop_ray.local import LocalRun
+    from loop_ray.training.single_process import SingleProcessRun
     from loop_ray.utils import pin_threads
 
     pin_threads(job["threads"])
@@ -63,7 +63,7 @@ def _run_one(job: dict) -> dict:
     cfg = config_from_dict(job["config"], source=job["source"], overrides=overrides)
     torch.manual_seed(job["seed"])
     start = time.perf_counter()
-    run = LocalRun(cfg, device=job["device"])
+    run = SingleProcessRun(cfg, device=job["device"])
     result = run.run(before=job.get("before"))
     wall = time.perf_counter() - start
     history = result["history"]
@@ -182,11 +182,11 @@ def _evaluate_before(data: dict, source: str, overrides: dict, device: str, thre
     """The pre-trained model's held-out reward: the same for every method and seed of a study
     (same model, eval prompts and seeds), so it is computed once."""
     from loop_ray.config import config_from_dict
-    from loop_ray.local import LocalRun
+    from loop_ray.training.single_process import SingleProcessRun
     from loop_ray.utils import pin_threads
 
     pin_threads(threads)
-    return LocalRun(config_from_dict(data, source=source, overrides=overrides), device=device).evaluate_before()
+    return SingleProcessRun(config_from_dict(data, source=source, overrides=overrides), device=device).evaluate_before()
 
 
 def _job_spec(job: dict) -> dict:

@@ -5,7 +5,7 @@ attention) with random weights; the VAE (8x upsampling to 512x512) and the CLIP 
 layers, 1024-d) are small and random, so the UNet dominates as it does in the real model. It
 measures, on the same weights, steps, batch and guidance scale:
 
-  * sampling images/s of loop-ray's DiffusionPolicy.sample (DDIM eta=1 with stored latents and
+  * sampling images/s of loop-ray's DDIMPolicy.sample (DDIM eta=1 with stored latents and
     log-probs) against diffusers' own StableDiffusionPipeline (DDIM, eta=1), both with float32
     weights under bf16 autocast on a GPU;
   * one learner step: log_prob at a few sampled timesteps of each sample (one backward per
@@ -34,9 +34,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loop_ray.diffusion.components import Components
-from loop_ray.diffusion.models import tiny_clip_tokenizer, tiny_sd_components
-from loop_ray.diffusion.policy import DiffusionPolicy
+from loop_ray.diffusion.ddim.components import SDComponents
+from loop_ray.diffusion.ddim.policy import DDIMPolicy
+from loop_ray.diffusion.ddim.tiny import tiny_sd_components
+from loop_ray.diffusion.tiny_tokenizer import tiny_clip_tokenizer
 
 # UNet2DConditionModel config of stabilityai/stable-diffusion-2-base (unet/config.json)
 SD2_BASE_UNET = {
@@ -75,7 +76,7 @@ SD2_BASE_SCHEDULER = {
 }
 
 
-def sd2_shaped_components(device: torch.device, seed: int = 0) -> Components:
+def sd2_shaped_components(device: torch.device, seed: int = 0) -> SDComponents:
     """SD 2 base UNet (random), small random VAE with 8x upsampling and 2-layer 1024-d CLIP text encoder."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -95,7 +96,7 @@ def sd2_shaped_components(device: torch.device, seed: int = 0) -> Components:
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         ))
     scheduler = DDIMScheduler(**SD2_BASE_SCHEDULER)
-    return Components(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, vae=vae)
+    return SDComponents(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, vae=vae)
 
 
 def _sync(device: torch.device) -> None:
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     build_start = time.perf_counter()
     components = tiny_sd_components(seed=0) if args.tiny else sd2_shaped_components(device)
     build_s = time.perf_counter() - build_start
-    policy = DiffusionPolicy(components, num_steps=steps, guidance_scale=args.guidance, eta=1.0, device=device,
+    policy = DDIMPolicy(components, num_steps=steps, guidance_scale=args.guidance, eta=1.0, device=device,
                              sample_dtype=dtype, seed=0)
     prompts = [f"a photo of a cat {i}" for i in range(batch)]
 

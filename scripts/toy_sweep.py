@@ -26,7 +26,7 @@ def _one(job: dict) -> dict:
     import yaml
 
     from loop_ray.config import config_from_dict
-    from loop_ray.local import LocalRun
+    from loop_ray.training.single_process import SingleProcessRun
     from loop_ray.utils import pin_threads
 
     pin_threads(1)
@@ -37,7 +37,7 @@ def _one(job: dict) -> dict:
         overrides["algorithm.control"], control = control, None
     cfg = config_from_dict(data, source=job["config"], overrides=overrides)
     start = time.perf_counter()
-    run = LocalRun(cfg, device=job["device"])
+    run = SingleProcessRun(cfg, device=job["device"])
     if control is not None:
         _apply_control(run, control, cfg.seed)
     result = run.run()

@@ -30,12 +30,12 @@ def main() -> int:
     import torch
 
     from loop_ray.config import load_config, parse_overrides
-    from loop_ray.local import LocalRun
+    from loop_ray.training.single_process import SingleProcessRun
     from loop_ray.utils import pin_threads
 
     pin_threads(1)
     cfg = load_config(args.config, parse_overrides(args.set))
-    run = LocalRun(cfg)
+    run = SingleProcessRun(cfg)
     clean = {k: v.clone() for k, v in run.policy.unet.state_dict().items()}
     for std in args.std:
         generator = torch.Generator().manual_seed(args.seed)

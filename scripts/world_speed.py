@@ -2,7 +2,7 @@
 
 For each config: the sampler alone (`sampling.prompts_per_iteration` prompts x K, the config's
 steps, guidance and step design) and one whole single-process iteration (sample, score, learn:
-`loop_ray.local.LocalRun.step`), alternating the configs `--repeats` times and reporting medians
+`loop_ray.training.single_process.SingleProcessRun.step`), alternating the configs `--repeats` times and reporting medians
 and the ratio of the second config's images/s to the first's (higher is faster). Used to compare
 the committed embedded world with the previous one:
 
@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def _run(cfg_path: str, overrides: list[str], iteration: int) -> dict:
     from loop_ray.config import load_config
-    from loop_ray.local import LocalRun
+    from loop_ray.training.single_process import SingleProcessRun
 
     cfg = load_config(cfg_path, overrides + ["learner.num_workers=1"])
-    run = LocalRun(cfg)
+    run = SingleProcessRun(cfg)
     n = cfg.sampling.prompts_per_iteration * cfg.sampling.k
     start = time.perf_counter()
     run.sample_and_score(iteration)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from loop_ray.cli import main as cli_main
+from loop_ray.cli.main import main as cli_main
 from loop_ray.diagnose import (
     all_pairs_ratio,
     gram,
@@ -18,8 +18,8 @@ from loop_ray.diagnose import (
     split_half_cosines,
     within_group_std,
 )
-from loop_ray.diffusion.models import tiny_sd_components
-from loop_ray.diffusion.policy import DiffusionPolicy
+from loop_ray.diffusion.ddim.policy import DDIMPolicy
+from loop_ray.diffusion.ddim.tiny import tiny_sd_components
 from loop_ray.toy.model import TINY_SPEC, build_toy_components, save_toy_model
 
 torch.set_num_threads(1)
@@ -102,7 +102,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_per_prompt_gradients_sum_to_one_backward_pass():
     """Sum over prompts and steps of the step-major per-prompt gradients = the gradient of
     sum_i w_i sum_j log p(step j of i) in one backward pass, for each weighting."""
-    policy = DiffusionPolicy(tiny_sd_components(), num_steps=3, guidance_scale=2.0)
+    policy = DDIMPolicy(tiny_sd_components(), num_steps=3, guidance_scale=2.0)
     k = 2
     batch = policy.sample(["a red circle", "a blue square"], k, [1, 2, 3, 4])
     steps = policy.trainable_steps_of(batch, 0, 1)  # [B, 2]

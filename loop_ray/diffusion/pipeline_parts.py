@@ -7,7 +7,7 @@ save_pretrained, so that a folder holding those and the trained network is a who
   tiny_sd, stable_diffusion  diffusers.StableDiffusionPipeline.from_pretrained(folder) (vae, text_encoder,
                          tokenizer, scheduler: the DDIM scheduler the policy samples with; no safety checker)
   sd3, flux, tiny_*      StableDiffusion3Pipeline / FluxPipeline.from_pretrained(folder)
-A checkpoint links these from one copy per run (loop_ray.system.run.checkpoint.link_frozen_parts).
+A checkpoint links these from one copy per run (loop_ray.training.checkpoint.link_frozen_parts).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from loop_ray.diffusion.models import FLOW_MODEL_KINDS
+from loop_ray.diffusion.kinds import FLOW_MODEL_KINDS
 
 # a checkpoint of a random tiny stack is a folder of the real kind
 FOLDER_KIND = {"tiny_sd": "stable_diffusion", "tiny_sd3": "sd3", "tiny_flux": "flux"}
@@ -36,7 +36,7 @@ def write_frozen_parts(policy, kind: str, folder: str | Path) -> Path:
         parts = SimpleNamespace(text_encoder=policy.text_encoder, tokenizer=policy.tokenizer, scheduler=policy.scheduler)
         return save_toy_frozen_parts(parts, folder)
     if kind in FLOW_MODEL_KINDS:
-        from loop_ray.diffusion.flow_models import pipeline_class
+        from loop_ray.diffusion.flow.models import pipeline_class
 
         modules = policy.components.pipeline_modules()
         modules["transformer"] = _bare(policy.unet)

@@ -3,7 +3,7 @@
 A policy pi_theta is a chain of T Gaussian transitions, one per sampler step j = 0..T-1, from
 latents[:, j] to latents[:, j+1] (latents[:, 0] is pure noise, latents[:, T] the sample; in DDPM's
 notation x_T -> ... -> x_0). A subclass supplies the model
-(the network call with its guidance) and one transition with its log-prob (`DiffusionPolicy`:
+(the network call with its guidance) and one transition with its log-prob (`DDIMPolicy`:
 DDIM; a flow policy: the SDE form of the flow ODE). This base owns the rest:
 
 - `sample`: K trajectories per prompt with per-sample seeds, the behaviour log-probs logp_old stored;
@@ -38,7 +38,7 @@ from typing import Literal
 
 import torch
 
-from loop_ray.diffusion.logprob import draw_noise
+from loop_ray.diffusion.gaussian import draw_noise
 from loop_ray.trajectory import TrajectoryBatch
 
 _SEED_HIGH = 2**62  # seeds are drawn from [0, 2^62): they fit int64 tensors and torch.Generator

@@ -22,7 +22,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from loop_ray.diffusion.components import Components
+from loop_ray.diffusion.ddim.components import SDComponents
 from loop_ray.toy.tokenizer import MAX_LENGTH, build_tokenizer, load_tokenizer, save_tokenizer
 
 SCHEDULER_CONFIG = {
@@ -74,7 +74,7 @@ def default_model_path() -> Path:
     return Path(str(resources.files("loop_ray") / "assets" / "toy_model"))
 
 
-def build_toy_components(spec: ToyModelSpec = ToyModelSpec(), seed: int = 0) -> Components:
+def build_toy_components(spec: ToyModelSpec = ToyModelSpec(), seed: int = 0) -> SDComponents:
     """A randomly initialised toy model (weights drawn from torch seed `seed`)."""
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
@@ -104,7 +104,7 @@ def build_toy_components(spec: ToyModelSpec = ToyModelSpec(), seed: int = 0) -> 
         attention_head_dim=spec.attention_head_dim,
         only_cross_attention=True,
     )
-    return Components(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
+    return SDComponents(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
 
 
 def training_scheduler(scheduler) -> DDPMScheduler:
@@ -113,7 +113,7 @@ def training_scheduler(scheduler) -> DDPMScheduler:
     return DDPMScheduler(**{k: scheduler.config[k] for k in keys})
 
 
-def save_toy_model(components: Components, folder: str | Path) -> Path:
+def save_toy_model(components: SDComponents, folder: str | Path) -> Path:
     """Write the model into `folder` in the diffusers layout (safetensors weights) and return it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -122,7 +122,7 @@ def save_toy_model(components: Components, folder: str | Path) -> Path:
     return folder
 
 
-def save_toy_frozen_parts(components: Components, folder: str | Path) -> Path:
+def save_toy_frozen_parts(components: SDComponents, folder: str | Path) -> Path:
     """Write everything of the model but unet/: text_encoder/, tokenizer/, scheduler/ and
     model_index.json (a checkpoint adds its trained unet/ beside them)."""
     folder = Path(folder)
@@ -148,8 +148,8 @@ def _diffusers_version() -> str:
     return diffusers.__version__
 
 
-def load_toy_components(path: str | Path | None = None) -> Components:
-    """Load a toy model folder (None: the committed default) as Components with vae=None, in eval mode."""
+def load_toy_components(path: str | Path | None = None) -> SDComponents:
+    """Load a toy model folder (None: the committed default) as SDComponents with vae=None, in eval mode."""
     folder = Path(path) if path is not None else default_model_path()
     if not folder.is_dir():
         raise FileNotFoundError(f"toy model folder not found: {folder}")
@@ -161,7 +161,7 @@ def load_toy_components(path: str | Path | None = None) -> Components:
         )
     unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
-    return Components(
+    return SDComponents(
         unet=unet,
         text_encoder=text_encoder,
         tokenizer=load_tokenizer(folder / "tokenizer"),

@@ -22,15 +22,15 @@ import torch
 
 from loop_ray.config import ExperimentConfig
 from loop_ray.filehash import hash_file, write_hashed
-from loop_ray.system.engines.deepspeed_engine import hashed_saves
-from loop_ray.system.engines.update import (
+from loop_ray.system.launch.cluster import actor_options, role_resources
+from loop_ray.system.roles.weights import ObjectStoreWeightSync, PublishedWeights
+from loop_ray.training.deepspeed_engine import hashed_saves
+from loop_ray.training.update import (
     build_learner_policy,
     grad_accum_steps,
     num_trainable_steps,
     update_on_shard,
 )
-from loop_ray.system.launch.cluster import actor_options, role_resources
-from loop_ray.system.roles.weights import ObjectStoreWeightSync, PublishedWeights
 from loop_ray.trajectory import TrajectoryBatch
 from loop_ray.utils import pin_threads
 
@@ -76,7 +76,7 @@ class LearnerWorker:
             backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
             world_size=self.world_size, timeout=timedelta(minutes=10),
         )
-        from loop_ray.system.engines.deepspeed_engine import build_engine
+        from loop_ray.training.deepspeed_engine import build_engine
 
         self.policy = build_learner_policy(self.cfg, "cuda" if self.use_gpu else "cpu")
         num_trainable = num_trainable_steps(self.cfg, self.policy)
@@ -124,7 +124,7 @@ class LearnerWorker:
         if self.rank == 0:
             state = self.policy.trainable_state_dict()
             written["trainable.pt"] = write_hashed(folder_path / "trainable.pt", lambda f: torch.save(state, f))
-            from loop_ray.diffusion.stable_diffusion import plain_unet
+            from loop_ray.diffusion.ddim.stable_diffusion import plain_unet
 
             name = getattr(self.policy, "network_name", "unet")  # a flow policy's is "transformer"
             plain_unet(self.policy.unet).save_pretrained(folder_path / name)  # diffusers format
@@ -132,7 +132,7 @@ class LearnerWorker:
                 if p.is_file():
                     written[p.relative_to(folder_path).as_posix()] = hash_file(p)
             from loop_ray.diffusion.pipeline_parts import write_frozen_parts
-            from loop_ray.system.run.checkpoint import link_frozen_parts
+            from loop_ray.training.checkpoint import link_frozen_parts
 
             kind = self.cfg.model.kind
             written.update(link_frozen_parts(folder_path, lambda out: write_frozen_parts(self.policy, kind, out)))

@@ -42,7 +42,7 @@ class SamplerActor:
     def __init__(self, cfg: dict, rank: int = 0):
         self.cfg = ExperimentConfig.model_validate(cfg)
         pin_threads(self.cfg.cluster.torch_threads)
-        from loop_ray.diffusion.models import build_policy
+        from loop_ray.diffusion.factory import build_policy
 
         self.rank = rank
         self.device = "cuda" if self.cfg.cluster.sampler_gpus > 0 and torch.cuda.is_available() else "cpu"

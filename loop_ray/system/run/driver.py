@@ -30,10 +30,8 @@ from loop_ray.prompts import PromptSet
 from loop_ray.rewards.checks import InvalidRewardsError, describe_problems
 from loop_ray.system.launch import cluster
 from loop_ray.system.roles.buffer import TrajectoryBuffer
-from loop_ray.system.run.checkpoint import CheckpointError, save_checkpoint
 from loop_ray.system.run.evaluation import EvalResult, comparison_table, evaluate
 from loop_ray.system.run.metrics import iteration_record
-from loop_ray.system.run.plan import plan_eval, plan_iteration
 from loop_ray.system.run.resume import (
     ResumePoint,
     auto_resume_point,
@@ -45,6 +43,8 @@ from loop_ray.system.run.resume import (
 from loop_ray.system.run.rollout import collect, dispatch
 from loop_ray.system.run.run_dir import RunDir
 from loop_ray.system.run.validate import validate_inputs
+from loop_ray.training.checkpoint import CheckpointError, save_checkpoint
+from loop_ray.training.plan import plan_eval, plan_iteration
 from loop_ray.utils import pin_threads
 
 log = logging.getLogger("loop_ray.driver")

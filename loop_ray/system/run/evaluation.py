@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from loop_ray.config import ExperimentConfig
-from loop_ray.evaluate import finite_mean, save_eval_grid
+from loop_ray.evaluation.evaluate import finite_mean, save_eval_grid
 from loop_ray.rewards.checks import describe_problems
-from loop_ray.system.run.plan import Plan
 from loop_ray.system.run.rollout import collect, dispatch, fetch_images
+from loop_ray.training.plan import Plan
 
 log = logging.getLogger(__name__)
 

@@ -3,10 +3,10 @@
 RUN_DIR is a run folder (or one of its checkpoint folders); `auto` takes the newest run folder of
 the config's name under its output_dir that holds a good checkpoint, and starts a fresh run when
 there is none. Within a run the newest checkpoint that verifies against its manifest is used
-(`loop_ray.system.run.checkpoint.latest_good_checkpoint`); refused ones are logged by name.
+(`loop_ray.training.checkpoint.latest_good_checkpoint`); refused ones are logged by name.
 
 What makes the continuation exact: the plan of iteration i depends only on (seed, i)
-(`loop_ray.system.run.plan`), the learner's shuffling only on (seed, i, rank), and sampling only on the
+(`loop_ray.training.plan`), the learner's shuffling only on (seed, i, rank), and sampling only on the
 per-sample seeds; the learner's module and optimizer state come back from DeepSpeed's checkpoint;
 the driver state brings back the policy version, images seen, the stat tracker, the metrics so far
 and the driver's global RNG states. That makes a synchronous run's continuation bit-exact. In
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from loop_ray.config import ConfigError, ExperimentConfig
-from loop_ray.system.run.checkpoint import latest_good_checkpoint
+from loop_ray.training.checkpoint import latest_good_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from loop_ray.system.roles.buffer import TrajectoryBuffer
 from loop_ray.system.roles.reward_server import RewardPool
 from loop_ray.system.roles.sampler import chunk_bounds
 from loop_ray.system.roles.weights import PublishedWeights
-from loop_ray.system.run.plan import Plan, SamplerJob
+from loop_ray.training.plan import Plan, SamplerJob
 
 log = logging.getLogger(__name__)
 

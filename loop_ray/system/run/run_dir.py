@@ -7,7 +7,7 @@
   wandb/             W&B's own files (unless WANDB_DIR is set)
   eval/              image grids of each evaluation
   reward.png         train and eval reward against images seen
-  checkpoints/       see loop_ray.system.run.checkpoint
+  checkpoints/       see loop_ray.training.checkpoint
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def _check_model(cfg: ExperimentConfig) -> None:
                 "or point model.path at one"
             )
     if kind == "stable_diffusion" and path and path.startswith((".", "/", "~")):
-        from loop_ray.diffusion.stable_diffusion import resolve_model_folder
+        from loop_ray.diffusion.ddim.stable_diffusion import resolve_model_folder
 
         try:
             resolve_model_folder(path, cfg.model.revision)
@@ -114,7 +114,7 @@ def _check_model(cfg: ExperimentConfig) -> None:
 def _check_flow_model(cfg: ExperimentConfig) -> None:
     """An SD3 / FLUX folder: the pipeline class its model_index.json names, every component folder and a
     flow-matching scheduler. A Hugging Face id is checked when the driver's cache holds it."""
-    from loop_ray.diffusion.flow_loading import check_flow_folder, resolve_flow_folder
+    from loop_ray.diffusion.flow.loading import check_flow_folder, resolve_flow_folder
 
     kind, path = cfg.model.kind, cfg.model.path
     try:
