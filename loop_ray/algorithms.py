@@ -11,7 +11,7 @@ and the per-step objective of PPO/LOOP, with rho_t = exp(logp_theta(x_{t-1}|x_t,
     L = -E[ min(rho_t * A, clip(rho_t, 1 - eps, 1 + eps) * A) ]                 (LOOP, eq. 9)
 
 averaged over samples, steps and prompts. Every method of the paper's study is a preset over
-these same pieces (see PRESETS and the README's table).
+these same pieces (see PRESETS, tabled in the README).
 """
 
 from __future__ import annotations

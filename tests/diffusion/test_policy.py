@@ -178,7 +178,7 @@ def _directional_check(policy, batch, j, h=1e-4):
 @pytest.mark.parametrize("schedule", ["sd", "cosine_trailing"])
 def test_policy_gradient_matches_finite_differences(schedule):
     """float64; first, a middle and the last trainable step. "cosine_trailing" starts at t=999 where
-    abar_t ~ 2e-9 (the toy-world case whose first-step gradient a prototype got wrong in sign)."""
+    abar_t ~ 2e-9 (the case where the first step's gradient is easiest to get wrong in sign)."""
     components = tiny_sd_components(seed=1)
     if schedule == "cosine_trailing":
         _with_scheduler(

@@ -1,4 +1,4 @@
-"""The machinery learns (issue 14 §0): configs/toy_easy.yaml, shortened, raises the held-out
+"""The machinery learns: configs/toy_easy.yaml, shortened, raises the held-out
 `toy_object_area` reward of the embedded world well beyond the same run with its advantages
 shuffled across samples (`algorithm.control: shuffle`, the null)."""
 
