@@ -21,6 +21,7 @@ import torch
 from loop_ray.algorithms import StatTracker, apply_control, compute_advantages, control_seed
 from loop_ray.config import ExperimentConfig
 from loop_ray.evaluation.evaluate import evaluate_policy
+from loop_ray.evaluation.heldout import eval_prompt_indices
 from loop_ray.prompts import load_prompts
 from loop_ray.rewards.checks import InvalidRewardsError, describe_problems
 from loop_ray.rewards.composite import CompositeReward
@@ -113,10 +114,11 @@ class SingleProcessRun:
             **{f"learner/{k}": v for k, v in metrics.items()},
         }
 
-    def evaluate(self, max_prompts: int | None = None) -> dict:
+    def evaluate(self) -> dict:
+        """The held-out reward on the prompts and seeds every evaluation path uses
+        (loop_ray.evaluation.heldout)."""
         e = self.cfg.eval
-        n = max_prompts if max_prompts is not None else e.max_prompts
-        indices = _spread(self.val_set.categories, n) if n is not None else None
+        indices = eval_prompt_indices(self.cfg, self.val_set)
         return evaluate_policy(self.policy, self.reward, self.val_set, e.images_per_prompt, e.seed, e.batch_size, indices)
 
     def run(self, log: Callable[[dict], None] | None = None, before: dict | None = None) -> dict:
@@ -135,19 +137,6 @@ class SingleProcessRun:
     def evaluate_before(self) -> dict:
         """The evaluation `run` starts with, in the form `run` returns it."""
         return _strip(self.evaluate())
-
-
-def _spread(categories: list[str], n: int) -> list[int]:
-    """The first n prompt indices taking the categories in turn (a fixed, balanced subset)."""
-    by_cat: dict[str, list[int]] = {}
-    for i, c in enumerate(categories):
-        by_cat.setdefault(c, []).append(i)
-    queues, out = [list(v) for v in by_cat.values()], []
-    while len(out) < min(n, len(categories)):
-        for q in queues:
-            if q and len(out) < n:
-                out.append(q.pop(0))
-    return sorted(out)
 
 
 def _strip(result: dict) -> dict:

@@ -40,7 +40,7 @@ def test_torch_engine_clips_the_global_norm():
 
 
 def test_study_quick_runs_methods_and_writes_reports(tmp_path):
-    from loop_ray.study import main
+    from loop_ray.cli.study import main
 
     out = tmp_path / "study"
     assert main(["--quick", "--config", "configs/debug.yaml", "--out", str(out),
