@@ -15,6 +15,7 @@ driver's evaluation.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from loop_ray.evaluation.heldout import eval_prompt_indices, eval_seeds, in_turn
+
+log = logging.getLogger(__name__)
 
 
 def _score(reward, images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -288,7 +291,16 @@ def run_eval(cfg, policy, out: Path, progress: bool = True) -> tuple[dict, Path 
 
 
 def sample_images(cfg, policy, prompts: Sequence[str], num_images: int, seed: int) -> np.ndarray:
-    """`num_images` images per prompt, uint8 [P, N, H, W, 3], from the fixed seeds of `eval_seeds`."""
+    """`num_images` images per prompt, uint8 [P, N, H, W, 3], from the fixed seeds of `eval_seeds`. For
+    the embedded model, a prompt outside its grammar is sampled with a warning naming the unknown
+    words and the grammar's forms (loop_ray.toy.grammar.outside_grammar)."""
+    if cfg.model.kind == "toy":
+        from loop_ray.toy.grammar import outside_grammar
+
+        for prompt in prompts:
+            problem = outside_grammar(prompt)
+            if problem is not None:
+                log.warning("%s", problem)
     seeds = eval_seeds(seed, range(len(prompts)), num_images)
     batch = policy.sample(list(prompts), num_images, seeds, batch_size=cfg.sampling.batch_size)
     return np.asarray(batch.images).reshape(len(prompts), num_images, *batch.images.shape[1:])

@@ -130,6 +130,17 @@ def test_sample_into_a_folder_writes_one_png_per_image_and_the_grid(tiny_setup, 
                                   np.asarray(Image.open(again / "000-000.png")))
 
 
+def test_sample_warns_of_a_prompt_outside_the_toy_grammar(tiny_setup, caplog):
+    root, config = tiny_setup
+    argv = ["sample", "--config", str(config), "--checkpoint", str(root / "model"), "-n", "1", "--out",
+            str(root / "warn.png"), "--prompt", "a red circle", "--prompt", "a purple hexagon"]
+    with caplog.at_level("WARNING"):
+        assert cli_main(argv) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "'a purple hexagon'" in warnings[0] and "'purple', 'hexagon'" in warnings[0]
+    assert "'a COLOUR SHAPE and a COLOUR SHAPE'" in warnings[0]
+
+
 @pytest.mark.parametrize("name", ["grid.jpg", "notes.txt"])
 def test_sample_to_a_path_that_is_neither_png_nor_folder_is_one_line(tiny_setup, capsys, name):
     root, config = tiny_setup

@@ -42,7 +42,7 @@ def test_study_driver_and_loop_ray_eval_evaluate_the_same_prompts(monkeypatch, t
         SingleProcessRun(cfg).evaluate()
     _capture(monkeypatch, evaluate_module, seen)
     with pytest.raises(Captured):
-        cli_main(["eval", "--config", "configs/toy.yaml", *sum((["--set", o] for o in overrides), []),
+        cli_main(["eval", "--config", "configs/toy.yaml", *[a for o in overrides for a in ("--set", o)],
                   "--out", str(tmp_path / "eval"), "--no-progress"])
     (study_idx, study_seeds), (eval_idx, eval_seeds_) = seen
 
