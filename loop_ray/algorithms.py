@@ -71,6 +71,15 @@ class StatTracker:
         self.std_eps = std_eps
         self.history: dict[str, deque] = {}
 
+    @classmethod
+    def for_algorithm(cls, algorithm) -> StatTracker | None:
+        """The tracker an `algorithm` config section (loop_ray.config.AlgorithmConfig) asks for: one
+        with its stat_tracker_buffer, stat_tracker_min_count and std_eps when its advantage
+        estimator is `stat_tracker`, else None. The one place a run's tracker is built."""
+        if algorithm.advantage != "stat_tracker":
+            return None
+        return cls(algorithm.stat_tracker_buffer, algorithm.stat_tracker_min_count, algorithm.std_eps)
+
     def update(self, prompts: Sequence[str], rewards: torch.Tensor) -> torch.Tensor:
         """Add the rewards [N] of prompts [N] and return their advantages [N]."""
         rewards = rewards.to(torch.float64).flatten()

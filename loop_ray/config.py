@@ -14,6 +14,21 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from loop_ray.algorithms import CONTROLS, ESTIMATORS, PRESETS
+from loop_ray.diffusion.kinds import (
+    FLOW_MODEL_KINDS,
+    GROUP_NOISE,
+    MODEL_KINDS,
+    SAMPLE_DTYPES,
+    SDE_KINDS,
+    TRAINABLE,
+    WINDOW_PLACEMENTS,
+)
+
+# each choice list is defined beside the code that uses it; the config's fields name these
+DTYPES = tuple(SAMPLE_DTYPES)
+PRESET_NAMES = tuple(PRESETS)
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key path and the file."""
@@ -29,19 +44,19 @@ class ModelConfig(_Section):
     for tests and benchmarks); the flow-matching models `sd3` (SD3 / SD3.5), `flux` (FLUX.1) and their
     random tiny stacks `tiny_sd3`, `tiny_flux`."""
 
-    kind: Literal["toy", "stable_diffusion", "tiny_sd", "sd3", "flux", "tiny_sd3", "tiny_flux"] = "toy"
+    kind: Literal[MODEL_KINDS] = "toy"
     path: str | None = None  # None with kind=toy means the committed embedded checkpoint
     revision: str | None = None
     lora_rank: int = Field(0, ge=0)  # 0 = train the full UNet; >0 = peft LoRA adapters of this rank
     lora_alpha: float | None = None  # None = lora_rank
-    sample_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # autocast dtype while sampling
+    sample_dtype: Literal[DTYPES] = "fp32"  # autocast dtype while sampling
     # which parameters train (loop_ray.diffusion.trainable): all, or only the text cross-attention;
     # `freeze` lists parameter-name prefixes frozen on top (e.g. [conv_out, conv_norm_out])
-    trainable: Literal["all", "cross_attention"] = "all"
+    trainable: Literal[TRAINABLE] = "all"
     freeze: list[str] = Field(default_factory=list)
     seed: int = 0  # init seed of kind=tiny_sd
 
-    # --- flow-matching models (kind sd3 / flux / tiny_sd3 / tiny_flux; loop_ray/diffusion/flow_*.py) ---
+    # --- flow-matching models (kind sd3 / flux / tiny_sd3 / tiny_flux; loop_ray/diffusion/flow/) ---
     max_sequence_length: int | None = Field(None, ge=1)  # T5 tokens; None = the pipeline's (SD3 256, FLUX 512)
 
 
@@ -58,16 +73,16 @@ class SamplingConfig(_Section):
     # over the run (MixGRPO). Steps outside run DDIM with eta = 0 and are never trained.
     sde_steps: list[int] | None = None
     sde_window: int | None = Field(None, ge=1)
-    sde_window_placement: Literal["fixed", "random", "sliding"] = "fixed"
+    sde_window_placement: Literal[WINDOW_PLACEMENTS] = "fixed"
     sde_window_start: int = Field(0, ge=0)
     sde_window_end: int | None = Field(None, ge=1)  # exclusive; null = num_steps
     # How the K samples of a group share noise (loop_ray.diffusion.policy_base): independent (the
     # paper), branch (shared initial noise and deterministic prefix, parting at the first stochastic
     # step), shared (every step stochastic, only the sde steps' noise differs within a group)
-    group_noise: Literal["independent", "branch", "shared"] = "independent"
+    group_noise: Literal[GROUP_NOISE] = "independent"
 
     # --- flow-matching models (loop_ray/diffusion/flow/logprob.py); eta is the DDIM models' ---
-    flow_sde: Literal["sde", "cps"] = "sde"  # Flow-GRPO's SDE step, or Flow-CPS's coefficient-preserving one
+    flow_sde: Literal[SDE_KINDS] = "sde"  # Flow-GRPO's SDE step, or Flow-CPS's coefficient-preserving one
     flow_noise_level: float = Field(0.7, ge=0.0)  # a: sigma_s = a sqrt(s / (1 - s)) (sde), sin(a pi / 2) (cps)
     flow_resolution: int | None = Field(None, ge=8)  # image side in pixels; None = the model's default
 
@@ -126,8 +141,8 @@ class RewardConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    preset: Literal["reinforce", "reinforce_bc", "rloo", "ppo", "loop", "grpo"] | None = "loop"
-    advantage: Literal["none", "prompt_mean", "leave_one_out", "group_std", "stat_tracker"] = "leave_one_out"
+    preset: Literal[PRESET_NAMES] | None = "loop"
+    advantage: Literal[ESTIMATORS] = "leave_one_out"
     importance_sampling: bool = True
     clip_eps: float = Field(1e-4, gt=0.0)
     inner_epochs: int = Field(1, ge=1)
@@ -140,7 +155,7 @@ class AlgorithmConfig(_Section):
     std_eps: float = Field(1e-6, gt=0.0)  # group_std / stat_tracker denominator epsilon
     # The null for every learning claim: `shuffle` permutes the advantages across all samples of an
     # iteration (same magnitudes, no information about which image was better)
-    control: Literal["none", "shuffle"] = "none"
+    control: Literal[CONTROLS] = "none"
     # Weight beta of a KL penalty to the reference policy (the weights the learner starts from),
     # added to the loss of every trained step: beta * KL(p_ref(x_{t-1}|x_t,c) || p_theta(.|x_t,c)),
     # averaged over latent dims like the log-probs (DPOK, Flow-GRPO). 0 = none (the paper's LOOP).
@@ -158,7 +173,7 @@ class LearnerConfig(_Section):
     adam_eps: float = Field(1e-8, gt=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
     zero_stage: int = Field(0, ge=0, le=3)
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    precision: Literal[DTYPES] = "fp32"
     minibatch_size: int = Field(4, ge=1)  # samples per worker per forward
     minibatches_per_step: int = Field(1, ge=1)  # optimizer step every N minibatches
     backend: Literal["auto", "gloo", "nccl"] = "auto"
@@ -279,7 +294,7 @@ class ExperimentConfig(_Section):
                 "noise share is sin(a pi / 2), so a must lie in [0, 1]"
             )
         last = sampling.num_steps - 1
-        if kind in ("sd3", "flux", "tiny_sd3", "tiny_flux") and sampling.flow_sde == "cps" and _reaches(sampling, last):
+        if kind in FLOW_MODEL_KINDS and sampling.flow_sde == "cps" and _reaches(sampling, last):
             raise ValueError(
                 f"sampling.sde_steps / sde_window: with sampling.flow_sde=cps the last step ({last}) is deterministic "
                 "(s' = 0), so a window that can reach it would train fewer steps in some iterations; keep the "
@@ -354,8 +369,6 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 
 def _apply_preset(data: dict, source: str) -> None:
     """Fill the preset's values where the file does not set them (the file wins)."""
-    from loop_ray.algorithms import PRESETS
-
     preset = (data.get("algorithm") or {}).get("preset", AlgorithmConfig.model_fields["preset"].default)
     if preset is None:
         return

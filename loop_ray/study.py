@@ -73,13 +73,12 @@ def _run_one(job: dict) -> dict:
         "k": cfg.sampling.k,
         "iterations": cfg.iterations,
         "images_seen": [h["images_seen"] for h in history],
-        "train_reward": [h["reward_mean"] for h in history],
+        "train_reward": [h["train/reward_mean"] for h in history],
         "before": result["before"],
         "after": result["after"],
         "wall_seconds": wall,
-        "train_images_per_second": history[-1]["images_seen"] / sum(
-            h["sample_score_seconds"] + h["learn_seconds"] for h in history
-        ) if history else float("nan"),
+        "train_images_per_second": history[-1]["images_seen"] / sum(h["iteration_seconds"] for h in history)
+        if history else float("nan"),
         "clip_fraction": float(np.mean([h["learner/clip_fraction"] for h in history])) if history else float("nan"),
     }
 

@@ -46,7 +46,7 @@ def _one(job: dict) -> dict:
         "overrides": job["overrides"],
         "before": {c: v["mean"] for c, v in result["before"]["categories"].items()} | {"all": result["before"]["mean"]},
         "after": {c: v["mean"] for c, v in result["after"]["categories"].items()} | {"all": result["after"]["mean"]},
-        "train_reward": [round(x["reward_mean"], 4) for x in h],
+        "train_reward": [round(x["train/reward_mean"], 4) for x in h],
         "approx_kl": [round(x["learner/approx_kl"], 6) for x in h],
         "clip_fraction": [round(x["learner/clip_fraction"], 3) for x in h],
         "kl_ref": [round(x.get("learner/kl_ref", 0.0), 6) for x in h],

@@ -39,12 +39,12 @@ from typing import Literal
 import torch
 
 from loop_ray.diffusion.gaussian import draw_noise
+from loop_ray.diffusion.kinds import GROUP_NOISE
 from loop_ray.trajectory import TrajectoryBatch
 
 _SEED_HIGH = 2**62  # seeds are drawn from [0, 2^62): they fit int64 tensors and torch.Generator
 
 GroupNoise = Literal["independent", "branch", "shared"]
-GROUP_NOISE = ("independent", "branch", "shared")
 
 
 class PolicyBase:

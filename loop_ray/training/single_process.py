@@ -25,6 +25,7 @@ from loop_ray.evaluation.heldout import eval_prompt_indices
 from loop_ray.prompts import load_prompts
 from loop_ray.rewards.checks import InvalidRewardsError, describe_problems
 from loop_ray.rewards.composite import CompositeReward
+from loop_ray.training.learner_metrics import learner_record
 from loop_ray.training.plan import plan_iteration
 from loop_ray.training.torch_engine import TorchEngine
 from loop_ray.training.update import (
@@ -54,10 +55,7 @@ class SingleProcessRun:
         self.val_set = load_prompts(cfg.prompts.val)
         num_trainable = num_trainable_steps(cfg, self.policy)
         self.engine = TorchEngine(cfg, self.policy.trainable_parameters(), grad_accum_steps(cfg, num_trainable))
-        a = cfg.algorithm
-        self.stat_tracker = (
-            StatTracker(a.stat_tracker_buffer, a.stat_tracker_min_count, a.std_eps) if a.advantage == "stat_tracker" else None
-        )
+        self.stat_tracker = StatTracker.for_algorithm(cfg.algorithm)
         self.images_seen = 0
 
     def sample_and_score(self, iteration: int):
@@ -99,19 +97,21 @@ class SingleProcessRun:
     def step(self, iteration: int) -> dict:
         t0 = time.perf_counter()
         batch, rejected = self.sample_and_score(iteration)
-        t1 = time.perf_counter()
         metrics = self.learn(batch, iteration)
-        t2 = time.perf_counter()
-        self.images_seen += len(batch) + rejected * self.cfg.sampling.k  # every image sampled
-        return {
+        t1 = time.perf_counter()
+        images = len(batch) + rejected * self.cfg.sampling.k  # every image sampled
+        self.images_seen += images
+        return {  # the Ray driver's names for the same figures (loop_ray.system.run.metrics)
+            "kind": "train",
             "iteration": iteration,
             "images_seen": self.images_seen,
-            "rejected_groups": rejected,
-            "reward_mean": float(batch.rewards.mean()),
-            "reward_std": float(batch.rewards.std()),
-            "sample_score_seconds": t1 - t0,
-            "learn_seconds": t2 - t1,
-            **{f"learner/{k}": v for k, v in metrics.items()},
+            "train/rejected_groups": rejected,
+            "train/reward_mean": float(batch.rewards.mean()),
+            "train/reward_std": float(batch.rewards.std(unbiased=False)),
+            "train/advantage_abs_mean": float(batch.advantages.abs().mean()),
+            "iteration_seconds": t1 - t0,
+            "throughput/images_per_s": images / (t1 - t0) if t1 > t0 else float("nan"),
+            **learner_record([metrics]),
         }
 
     def evaluate(self) -> dict:

@@ -31,7 +31,7 @@ def _gain(control: str) -> tuple[float, list[float]]:
     data = yaml.safe_load(Path("configs/toy_easy.yaml").read_text())
     cfg = config_from_dict(data, "configs/toy_easy.yaml", {**SHORT, "algorithm.control": control})
     result = SingleProcessRun(cfg).run()
-    return result["after"]["mean"] - result["before"]["mean"], [h["reward_mean"] for h in result["history"]]
+    return result["after"]["mean"] - result["before"]["mean"], [h["train/reward_mean"] for h in result["history"]]
 
 
 def test_object_area_reward_is_the_covered_share_of_the_canvas():

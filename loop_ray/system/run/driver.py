@@ -60,12 +60,9 @@ class Trainer:
         self.cfg, self.system, self.run = cfg, system, run
         self.train_set, self.val_set = train_set, val_set
         self.eval_plan = plan_eval(cfg, val_set)
-        tracker = None
-        if cfg.algorithm.advantage == "stat_tracker":
-            a = cfg.algorithm
-            tracker = StatTracker(a.stat_tracker_buffer, a.stat_tracker_min_count, a.std_eps)
         self.buffer = TrajectoryBuffer(
-            cfg.sampling.k, cfg.algorithm.advantage, cfg.algorithm.std_eps, tracker, cfg.algorithm.control, cfg.seed
+            cfg.sampling.k, cfg.algorithm.advantage, cfg.algorithm.std_eps, StatTracker.for_algorithm(cfg.algorithm),
+            cfg.algorithm.control, cfg.seed,
         )
         self.version, self.weights, self.images_seen = 0, None, 0
         self.records: list[dict] = []
