@@ -1,7 +1,8 @@
 """Typed configuration of one loop-ray experiment.
 
-One YAML file describes one experiment; `load_config(path, overrides)` reads it, applies the
-algorithm preset (see `loop_ray.algorithms.PRESETS`), applies `--set a.b.c=value` overrides and
+One YAML file describes one experiment; it may name a base config (`base: toy.yaml`, a path
+relative to the file) whose keys it overrides. `load_config(path, overrides)` reads it and its
+bases, applies the algorithm preset (see `loop_ray.algorithms.PRESETS`), applies `--set a.b.c=value` overrides and
 validates the result. Every error names the key path and the file it came from.
 """
 
@@ -405,10 +406,25 @@ def config_from_dict(data: dict, source: str = "<dict>", overrides: dict[str, An
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> ExperimentConfig:
-    """Read a YAML experiment file, apply its preset and `--set` overrides, validate."""
-    path = Path(path)
+BASE_KEY = "base"  # a config file's base config: a path relative to the file, whose keys it overrides
+
+
+def merge_config_data(base: dict, override: dict) -> dict:
+    """`override` on top of `base`: mappings merge key by key, at every depth; any other value (a list
+    included, e.g. reward.terms) replaces the base's. Neither input is changed."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_config_data(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path, named_by: str | None) -> dict:
     if not path.is_file():
+        if named_by is not None:
+            raise ConfigError(f"{named_by}: base config not found: {path}")
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -416,6 +432,44 @@ def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None =
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path} cannot be read: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def read_config_data(path: str | Path) -> dict:
+    """The YAML mapping of a config file with its `base:` chain resolved: the base's data (itself
+    resolved the same way), the file's keys merged on top (merge_config_data), without the `base`
+    key. A missing base or a cycle (a file that is its own base, at any depth) is a one-line
+    ConfigError naming the files."""
+    chain: list[Path] = []  # resolved, to find a cycle; `shown` as the files name each other
+    shown: list[str] = []
+    path, named_by = Path(path), None
+    layers: list[dict] = []
+    while True:
+        resolved = path.resolve()
+        if resolved in chain:
+            raise ConfigError(f"{named_by}: base configs form a cycle: {' -> '.join([*shown, str(path)])}")
+        chain.append(resolved)
+        shown.append(str(path))
+        data = _read_yaml(path, named_by)
+        layers.append(data)
+        base = data.pop(BASE_KEY, None)
+        if base is None:
+            break
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"{path}: base: expected a path to another config file, got {base!r}")
+        named_by, path = str(path), path.parent / base
+    merged: dict = {}
+    for data in reversed(layers):
+        merged = merge_config_data(merged, data)
+    return merged
+
+
+def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment file (with its `base:` configs, read_config_data), apply its preset and
+    `--set` overrides, validate."""
+    data = read_config_data(path)
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     return config_from_dict(data, source=str(path), overrides=overrides)

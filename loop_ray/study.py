@@ -227,11 +227,9 @@ def _run_all(jobs: list[dict], out_dir: Path, workers: int) -> list[dict]:
 
 def run_study(config_path: str, out_dir: Path, methods: list[str], seeds: list[int], images_per_iteration: int,
               iterations: int, device: str, workers: int, threads: int, extra: dict | None = None) -> dict:
-    import yaml
+    from loop_ray.config import config_from_dict, read_config_data
 
-    from loop_ray.config import config_from_dict
-
-    data = yaml.safe_load(Path(config_path).read_text()) or {}
+    data = read_config_data(config_path)
     base = {"iterations": iterations, **(extra or {})}
     jobs = []
     for label in methods:

@@ -23,14 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _one(job: dict) -> dict:
-    import yaml
 
-    from loop_ray.config import config_from_dict
+    from loop_ray.config import config_from_dict, read_config_data
     from loop_ray.training.single_process import SingleProcessRun
     from loop_ray.utils import pin_threads
 
     pin_threads(1)
-    data = yaml.safe_load(Path(job["config"]).read_text())
+    data = read_config_data(job["config"])
     overrides = dict(job["overrides"])
     control = overrides.pop("control", None)  # shuffle: the config's algorithm.control; negate: see below
     if control in ("none", "shuffle"):

@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from loop_ray.config import config_from_dict
+from loop_ray.config import config_from_dict, read_config_data
 from loop_ray.toy.grammar import COLOURS
 from loop_ray.toy.render import BACKGROUND
 from loop_ray.toy.reward import object_area_reward
@@ -28,7 +27,7 @@ SHORT = {
 
 
 def _gain(control: str) -> tuple[float, list[float]]:
-    data = yaml.safe_load(Path("configs/toy_easy.yaml").read_text())
+    data = read_config_data("configs/toy_easy.yaml")
     cfg = config_from_dict(data, "configs/toy_easy.yaml", {**SHORT, "algorithm.control": control})
     result = SingleProcessRun(cfg).run()
     return result["after"]["mean"] - result["before"]["mean"], [h["train/reward_mean"] for h in result["history"]]
