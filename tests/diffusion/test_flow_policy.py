@@ -1,10 +1,10 @@
 """FlowPolicy on tiny SD3 and FLUX stacks: the diffusers pipelines retraced at a = 0, stored records,
-recomputed log-probs (ratio 1), batch independence, stochastic windows and group branching,
-gradients, trainable weights, dispatch from the config."""
+CPS steps, stochastic windows and group branching, gradients, trainable weights, dispatch from the
+config, the KL to the reference (what every policy kind shares: tests/diffusion/test_policy_contract.py)."""
 
 import pytest
 import torch
-from numerics import sampler_atol
+from numerics import directional_derivative, sampler_atol
 
 from loop_ray.config import ExperimentConfig
 from loop_ray.diffusion.factory import build_policy
@@ -111,25 +111,6 @@ def test_a_stochastic_window_and_branching_groups(kind):
     torch.testing.assert_close(b.latents[1, :2], ode.latents[0, :2], rtol=0, atol=atol)
 
 
-def _directional(policy, batch, j, h):
-    """(autograd d logp / d theta . u, central finite difference along u) for one stored step."""
-    params = policy.trainable_parameters()
-    gen = torch.Generator().manual_seed(j)
-    u = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
-    norm = torch.sqrt(sum((d**2).sum() for d in u))
-    u = [d / norm for d in u]
-    step = torch.tensor([j])
-    grads = torch.autograd.grad(policy.log_prob(batch, step).sum(), params)
-    autograd = sum((g * d).sum() for g, d in zip(grads, u)).item()
-    values = []
-    with torch.no_grad():
-        for sign in (1, -1):
-            for p, d in zip(params, u):
-                p.add_(sign * h * d)
-            values.append(policy.log_prob(batch, step).item())
-            for p, d in zip(params, u):
-                p.sub_(sign * h * d)
-    return autograd, (values[0] - values[1]) / (2 * h)
 
 
 @pytest.mark.parametrize("kind, h, rel", [("sd3", 1e-4, 1e-4), ("flux", 1e-2, 1e-3)])
@@ -144,7 +125,7 @@ def test_policy_gradient_matches_finite_differences_float64(kind, h, rel):
                         max_sequence_length=8)
     transition = policy.sample(PROMPTS[1:2], k=1, seeds=[4])
     for j in (0, T // 2, T - 1):
-        autograd, finite_difference = _directional(policy, transition, j, h)
+        autograd, finite_difference = directional_derivative(policy, transition, j, h)
         assert abs(autograd) > 1e-8
         assert autograd == pytest.approx(finite_difference, rel=rel), f"step {j}"
 

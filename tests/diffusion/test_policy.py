@@ -1,4 +1,5 @@
-"""DDIMPolicy on the tiny SD stack: shapes, seeds, recomputed log-probs, gradients, weights."""
+"""DDIMPolicy on the tiny SD stack: shapes, seeds, guidance, deterministic steps, gradients, weights (what
+every policy kind shares: tests/diffusion/test_policy_contract.py)."""
 
 import sys
 import types
@@ -6,7 +7,7 @@ import types
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
-from numerics import logprob_atol, network_rel_error, sampler_atol
+from numerics import directional_derivative, logprob_atol, network_rel_error, sampler_atol
 
 from loop_ray.config import ExperimentConfig
 from loop_ray.diffusion.ddim.policy import DDIMPolicy
@@ -120,24 +121,7 @@ def _directional_check(policy, batch, j, h=1e-4):
 
     h = 1e-4 along a unit direction: the O(h^2) error is ~1e-6 relative here, while at h <= 1e-6
     float64 rounding (amplified by 1 / sigma_t^2 and 1 / sqrt(abar_t)) already shows."""
-    params = policy.trainable_parameters()
-    gen = torch.Generator().manual_seed(j)
-    direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
-    norm = torch.sqrt(sum((v**2).sum() for v in direction))
-    direction = [v / norm for v in direction]
-    step = torch.tensor([j])
-    logp = policy.log_prob(batch, step).sum()
-    grads = torch.autograd.grad(logp, params)
-    autograd = sum((g * v).sum() for g, v in zip(grads, direction)).item()
-    values = []
-    with torch.no_grad():
-        for sign in (1, -1):
-            for p, v in zip(params, direction):
-                p.add_(sign * h * v)
-            values.append(policy.log_prob(batch, step).item())
-            for p, v in zip(params, direction):
-                p.sub_(sign * h * v)
-    return autograd, (values[0] - values[1]) / (2 * h)
+    return directional_derivative(policy, batch, j, h)
 
 
 @pytest.mark.parametrize("schedule", ["sd", "cosine_trailing"])
