@@ -225,7 +225,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
       any other folder: a model folder of the config's model.kind (diffusers layout), and no config.
     Raises ConfigError / CheckpointError naming the path."""
     from loop_ray.config import ConfigError
-    from loop_ray.system.run.resume import _newest_good_point
+    from loop_ray.system.run.resume import newest_good_point
     from loop_ray.training.checkpoint import MANIFEST, verify_checkpoint
 
     path = Path(path)
@@ -234,7 +234,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     if not path.is_dir():
         raise ConfigError(f"--checkpoint {path}: not a folder (expected a checkpoint, a run or a model folder)")
     if (path / "checkpoints").is_dir():
-        point = _newest_good_point(path)
+        point = newest_good_point(path)
         if point is None:
             raise ConfigError(f"--checkpoint {path}: no usable checkpoint under {path / 'checkpoints'}")
         folder = point.checkpoint
