@@ -20,12 +20,17 @@ def _remote_like(cls, real):
     return ray.remote(**options)(cls) if options else ray.remote(cls)
 
 
-def flaky_sampler(fail_on: int = 0, sleep_s: float = 0.0):
-    """A sampler whose `fail_on`-th generate call raises (0: none) and whose every generate /
-    generate_images call first sleeps `sleep_s` seconds."""
+def flaky_sampler(fail_on: int = 0, sleep_s: float = 0.0, init_sleep_s: float = 0.0):
+    """A sampler whose `fail_on`-th generate call raises (0: none), whose every generate /
+    generate_images call first sleeps `sleep_s` seconds, and that takes `init_sleep_s` seconds
+    longer to start."""
 
     class FlakySampler(SamplerActor):
         calls = 0
+
+        def __init__(self, *args, **kwargs):
+            time.sleep(init_sleep_s)
+            super().__init__(*args, **kwargs)
 
         def generate(self, *args, **kwargs):
             time.sleep(sleep_s)

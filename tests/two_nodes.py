@@ -1,7 +1,7 @@
 """A two-node Ray cluster on this machine, a run on it, and the second node's raylet killed
 mid-run; run as its own process by tests/system/test_system_two_nodes.py (a process joins one Ray
-only, and the other system tests hold the in-process one). Every node has its own temp dir under
-the given folder and ports the OS picks; the Ray processes are stopped at the end.
+only, and the other system tests hold the in-process one). The cluster has its own temp dir
+(TWO_NODES_TMP) and ports the OS picks; its Ray processes are stopped at the end.
 
 `python two_nodes.py OUT_DIR` writes OUT_DIR/result.json: the run's train records, the actors
 replaced, and the node each sampler ran on before and after the kill."""
@@ -21,11 +21,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _node_args(root: Path, name: str, resources: dict) -> dict:
-    return {"num_cpus": 1, "resources": resources, "temp_dir": str(root / name), "include_dashboard": False,
-            "object_store_memory": 150 * 2**20, "node_ip_address": "127.0.0.1",
-            "ray_client_server_port": _free_port(), "runtime_env_agent_port": _free_port(),
-            "metrics_export_port": _free_port(), "dashboard_agent_listen_port": _free_port()}
+def _node_args(resources: dict, **extra) -> dict:
+    return {"num_cpus": 1, "resources": resources, "include_dashboard": False,
+            "object_store_memory": 150 * 2**20, **extra}
 
 
 def main(out: Path) -> None:
@@ -42,11 +40,11 @@ def main(out: Path) -> None:
 
     root = Path(os.environ.get("TWO_NODES_TMP", out))
     # the head holds the learner and the reward actor, the second node the sampler
-    cluster = Cluster(initialize_head=True, head_node_args={
-        **_node_args(root, "head", {"head_slot": 1}), "gcs_server_port": _free_port()})
+    cluster = Cluster(initialize_head=True, head_node_args=_node_args(
+        {"head_slot": 1}, temp_dir=str(root), gcs_server_port=_free_port()))
     system = None
     try:
-        second = cluster.add_node(**_node_args(root, "second", {"sampler_slot": 1}))
+        second = cluster.add_node(**_node_args({"sampler_slot": 1}))
         ray.init(address=cluster.address, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}})
         cfg = load_config("configs/debug.yaml", {
             "output_dir": str(out), "iterations": 3, "eval.max_prompts": 1, "eval.images_per_prompt": 1,
@@ -69,7 +67,7 @@ def main(out: Path) -> None:
                     nodes["before"] = actor_info(self.system.samplers[0]).get("Address", {}).get("NodeID", "")
                     nodes["second"] = second.node_id
                     second.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.kill()
-                    cluster.add_node(wait=False, **_node_args(root, "third", {"sampler_slot": 1}))
+                    cluster.add_node(wait=False, **_node_args({"sampler_slot": 1}))
                 return rollout
 
         system = System.start(cfg)

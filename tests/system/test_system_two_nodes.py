@@ -5,12 +5,14 @@ sent again, and the run finishes with every planned group learned once."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import psutil
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -35,7 +37,10 @@ def test_run_survives_the_loss_of_the_sampler_node(tmp_path):
         except ProcessLookupError:
             pass
         proc.wait(timeout=30)
+        left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(short) in " ".join(p.info["cmdline"] or [])]
+        shutil.rmtree(short, ignore_errors=True)
     assert proc.returncode == 0, output[-6000:]
+    assert not left, f"processes of the two-node cluster still running: {left}"
     result = json.loads((tmp_path / "result.json").read_text())
     records = result["records"]
     assert [r["iteration"] for r in records] == [0, 1, 2]  # each iteration learned once

@@ -69,17 +69,19 @@ def wait_for(refs: Sequence, timeout_s: float, what: str, actors: Sequence | Non
     start = time.monotonic()
     deadline = start + timeout_s
     pending = list(refs)
+    next_report = start + report_every
     while pending:
         now = time.monotonic()
         if now >= deadline:
             raise CallTimeoutError(f"{what}: no answer within {timeout_s:g} s; "
                                    f"{_outstanding(refs, pending, actors)}")
-        done, pending = ray.wait(pending, num_returns=len(pending), timeout=min(report_every, deadline - now))
+        if now >= next_report:
+            log.info("%s: waited %.0f s of %g s; %s", what, now - start, timeout_s,
+                     _outstanding(refs, pending, actors))
+            next_report = now + report_every
+        done, pending = ray.wait(pending, num_returns=1, timeout=min(next_report, deadline) - now)
         if done and pending:
             ray.get(done)  # a call that failed raises now, without waiting for the others
-        if pending and time.monotonic() < deadline:
-            log.info("%s: waited %.0f s of %g s; %s", what, time.monotonic() - start, timeout_s,
-                     _outstanding(refs, pending, actors))
     return ray.get(refs)
 
 
