@@ -195,6 +195,16 @@ class ClusterConfig(_Section):
     torch_threads: int = Field(1, ge=1)  # torch threads in every process and actor
     max_restarts: int = Field(3, ge=0)  # Ray restarts of a crashed sampler / reward actor
     call_retries: int = Field(2, ge=0)  # a lost sampler or reward call sent again (same seeds / images)
+    # Deadlines (seconds): a sampler / reward / learner call past call_timeout_s counts as failed
+    # (sampler and reward calls are sent again); start-up past startup_timeout_s fails naming the
+    # pending actors; an actor that does not answer a ping within ping_timeout_s while Ray lists it
+    # as not ALIVE is replaced. Generous defaults: raise call_timeout_s for big models.
+    call_timeout_s: float = Field(3600.0, gt=0)
+    startup_timeout_s: float = Field(1800.0, gt=0)
+    ping_timeout_s: float = Field(60.0, gt=0)
+    # a learner group that lost a rank is rebuilt and restored from the newest good checkpoint
+    # this many times per run (needs checkpoint.every)
+    learner_restarts: int = Field(1, ge=0)
 
 
 class EvalConfig(_Section):

@@ -2,12 +2,14 @@
 `cluster.num_samplers` samplers, `cluster.num_reward_workers` reward actors per reward term group
 (the shared terms, and each distinct term runtime_env) and `learner.num_workers` learner workers,
 each with its CPUs, GPUs (fractions allowed) and custom resources. Before anything starts, the
-cluster is checked to have room for every actor; a reward actor that cannot start (its runtime_env
+cluster is checked to have room for every actor (in its free resources); start-up has a deadline
+(`cluster.startup_timeout_s`), past which it fails naming the pending actors and the free resources; a reward actor that cannot start (its runtime_env
 fails to install, its reward fails to import or build) is reported as a ConfigError naming its terms.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import ray
@@ -20,6 +22,7 @@ from loop_ray.system.roles.actors import ActorSet
 from loop_ray.system.roles.learner import LearnerGroup
 from loop_ray.system.roles.reward_server import RemoteRewardActor, RewardGroup, RewardPool
 from loop_ray.system.roles.sampler import RemoteSampler
+from loop_ray.system.roles.waits import CallTimeoutError, wait_for
 
 
 def error_summary(err: BaseException, limit: int = 300) -> str:
@@ -32,9 +35,11 @@ def error_summary(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def check_capacity(cfg: ExperimentConfig) -> None:
+def check_capacity(cfg: ExperimentConfig, wait_s: float = 30.0) -> None:
     """Fail with the config keys to change when the cluster cannot hold every actor at once
-    (otherwise Ray would leave the missing actors pending forever)."""
+    (otherwise Ray would leave the missing actors pending forever): when its total resources fall
+    short, at once; when only its available ones do (held by other actors), after waiting up to
+    `wait_s` seconds for actors being stopped to free them."""
     total = ray.cluster_resources()
     res = role_resources(cfg)
     counts = actor_counts(cfg)
@@ -61,6 +66,35 @@ def check_capacity(cfg: ExperimentConfig) -> None:
                 f"the Ray cluster has {have:g} {name} but the roles ask for {amount:g} "
                 f"({', '.join(involved)} times the actor counts); lower them or add nodes"
             )
+    deadline = time.monotonic() + wait_s
+    while True:
+        available = ray.available_resources()
+        short = {name: amount for name, amount in demand.items() if amount > available.get(name, 0.0) + 1e-9}
+        if not short:
+            return
+        if time.monotonic() >= deadline:
+            name, amount = next(iter(short.items()))
+            raise ConfigError(
+                f"the Ray cluster has {available.get(name, 0.0):g} of its {total.get(name, 0.0):g} {name} free "
+                f"(the rest held by other actors) but the roles ask for {amount:g}; "
+                f"available now: {_resources(available)}"
+            )
+        time.sleep(0.2)
+
+
+def _resources(res: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(res.items()) if not k.startswith(("node:", "memory",
+                                                                                          "object_store")))
+
+
+def wait_started(actors, what: str, timeout_s: float) -> None:
+    """Wait for `actors` to answer a ping within the start-up deadline; past it, a
+    CallTimeoutError naming each pending actor's state and node and the cluster's free resources."""
+    actors = list(actors)
+    try:
+        wait_for([a.ping.remote() for a in actors], timeout_s, what, actors)
+    except CallTimeoutError as err:
+        raise CallTimeoutError(f"{err}; resources available: {_resources(ray.available_resources())}") from None
 
 
 def _start_reward_group(cfg: ExperimentConfig, cfg_dict: dict, group: TermGroup, res, threads: int,
@@ -76,7 +110,8 @@ def _start_reward_group(cfg: ExperimentConfig, cfg_dict: dict, group: TermGroup,
         opts = actor_options(res, threads, max_restarts=restarts, runtime_env=user_env)
         return RemoteRewardActor.options(**opts).remote(cfg_dict, rank, terms, environ)
 
-    return RewardGroup(ActorSet(label, [new_actor(i) for i in range(cfg.cluster.num_reward_workers)], new_actor))
+    actors = [new_actor(i) for i in range(cfg.cluster.num_reward_workers)]
+    return RewardGroup(ActorSet(label, actors, new_actor, cfg.cluster.ping_timeout_s, cfg.cluster.startup_timeout_s))
 
 
 def start_reward_pool(cfg: ExperimentConfig, cfg_dict: dict | None = None) -> RewardPool:
@@ -101,7 +136,10 @@ def wait_for_reward_actors(cfg: ExperimentConfig, pool: RewardPool) -> None:
     terms and what went wrong (a runtime_env that did not install, a reward that did not build)."""
     for group, rewards in zip(term_groups(cfg.reward), pool.groups):
         try:
-            ray.get([a.ping.remote() for a in rewards.actors])
+            wait_started(rewards.actors, f"{group.describe(cfg.reward)}: reward actors starting",
+                         cfg.cluster.startup_timeout_s)
+        except CallTimeoutError:
+            raise
         except ray.exceptions.RayError as err:
             env = " in its runtime_env" if not group.shared else (
                 " in reward.runtime_env" if cfg.reward.runtime_env is not None else "")
@@ -130,14 +168,15 @@ class System:
 
         started: list = []  # what to stop when something fails to start
         try:
-            samplers = ActorSet("sampler", [new_sampler(i) for i in range(cfg.cluster.num_samplers)], new_sampler)
+            samplers = ActorSet("sampler", [new_sampler(i) for i in range(cfg.cluster.num_samplers)], new_sampler,
+                                cfg.cluster.ping_timeout_s, cfg.cluster.startup_timeout_s)
             started.append(samplers)
             pool = start_reward_pool(cfg, cfg_dict)
             started.append(pool)
             learner = LearnerGroup(cfg)
             started.append(learner)
             wait_for_reward_actors(cfg, pool)
-            ray.get([a.ping.remote() for a in samplers])  # surface construction errors now
+            wait_started(samplers, "samplers starting", cfg.cluster.startup_timeout_s)  # construction errors now
         except BaseException:
             for part in started:
                 if isinstance(part, LearnerGroup):

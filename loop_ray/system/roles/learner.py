@@ -1,17 +1,18 @@
 """LearnerGroup: `learner.num_workers` Ray actors forming one torch.distributed group, each with a
 DeepSpeed engine around its policy's UNet (data parallel; ZeRO stage from the config).
 
-Rank 0 picks a free port on its node and the group rendezvouses there (127.0.0.1 when all ranks
-share a node, else rank 0's node address); the backend is gloo on CPUs and NCCL on GPUs unless
+Rank 0 opens the group's rendezvous store (a torch TCPStore) on a port the OS gives it, so no
+other process can take the port between choosing and binding it, and the other ranks join it
+there (127.0.0.1 when all ranks share a node, else rank 0's node address); the backend is gloo on CPUs and NCCL on GPUs unless
 `learner.backend` says otherwise. Each iteration every worker pulls its shard of the samples from
 the object store, runs `update_on_shard`, and rank 0 publishes the new weights once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
-import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from loop_ray.config import ExperimentConfig
 from loop_ray.filehash import hash_file, write_hashed
 from loop_ray.system.launch.cluster import actor_options, role_resources
+from loop_ray.system.roles.waits import wait_for
 from loop_ray.system.roles.weights import ObjectStoreWeightSync, PublishedWeights
 from loop_ray.training.deepspeed_engine import hashed_saves
 from loop_ray.training.update import (
@@ -33,12 +35,6 @@ from loop_ray.training.update import (
 )
 from loop_ray.trajectory import TrajectoryBatch
 from loop_ray.utils import pin_threads
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def state_digest(state_dict: dict[str, torch.Tensor]) -> str:
@@ -58,13 +54,24 @@ class LearnerWorker:
         self.use_gpu = self.cfg.learner.num_gpus_per_worker > 0 and torch.cuda.is_available()
         self.engine = None
         self.policy = None
+        self.store = None
+        # a collective waiting on a lost rank gives up after this long (the driver stops the
+        # group at the first rank error well before)
+        self.group_timeout = timedelta(seconds=self.cfg.cluster.call_timeout_s)
 
     def rendezvous_info(self) -> tuple[str, int, str]:
-        """(node address, free port, node id) of this worker; rank 0's are the group's."""
-        return ray.util.get_node_ip_address(), _free_port(), ray.get_runtime_context().get_node_id()
+        """(node address, store port, node id) of this worker; rank 0's are the group's. Rank 0
+        opens the group's TCPStore here, bound to port 0 (the OS picks a free one and it stays
+        bound), and hands out its port; the other ranks return port 0."""
+        port = 0
+        if self.rank == 0:
+            self.store = torch.distributed.TCPStore("0.0.0.0", 0, self.world_size, is_master=True,
+                                                    timeout=self.group_timeout, wait_for_workers=False)
+            port = self.store.port
+        return ray.util.get_node_ip_address(), port, ray.get_runtime_context().get_node_id()
 
     def setup(self, master_addr: str, master_port: int) -> int:
-        """Join the process group, build the policy and its DeepSpeed engine."""
+        """Join the process group through rank 0's store, build the policy and its DeepSpeed engine."""
         backend = self.cfg.learner.backend
         if backend == "auto":
             backend = "nccl" if self.use_gpu else "gloo"
@@ -72,9 +79,11 @@ class LearnerWorker:
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
             WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",  # Ray shows each worker only its own GPU
         )
+        if self.rank != 0:
+            self.store = torch.distributed.TCPStore(master_addr, master_port, self.world_size, is_master=False,
+                                                    timeout=self.group_timeout)
         torch.distributed.init_process_group(
-            backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
-            world_size=self.world_size, timeout=timedelta(minutes=10),
+            backend, store=self.store, rank=self.rank, world_size=self.world_size, timeout=self.group_timeout,
         )
         from loop_ray.training.deepspeed_engine import build_engine
 
@@ -152,44 +161,61 @@ class LearnerWorker:
 RemoteLearnerWorker = ray.remote(LearnerWorker)
 
 
-class LearnerGroup:
-    """Driver-side handle: starts the workers, forms the group, fans calls out and gathers them."""
+class LearnerGroupError(RuntimeError):
+    """A learner rank failed or did not answer in time; the whole group was stopped."""
 
-    def __init__(self, cfg: ExperimentConfig):
-        self.cfg = cfg
+
+class LearnerGroup:
+    """Driver-side handle: starts the workers, forms the group, fans calls out and gathers them.
+    Every call has a deadline (`cluster.startup_timeout_s` to form the group,
+    `cluster.call_timeout_s` after); at the first rank that fails or misses it, every rank is
+    stopped (the others would wait on it in a collective) and LearnerGroupError raised."""
+
+    def __init__(self, cfg: ExperimentConfig, generation: int = 0):
+        self.cfg, self.generation = cfg, generation
         cfg_dict = cfg.model_dump(mode="json")
         n = cfg.learner.num_workers
         opts = actor_options(role_resources(cfg)["learner"], cfg.cluster.torch_threads)
         self.workers = [RemoteLearnerWorker.options(**opts).remote(cfg_dict, rank, n) for rank in range(n)]
-        infos = ray.get([w.rendezvous_info.remote() for w in self.workers])
+        startup = cfg.cluster.startup_timeout_s
+        infos = self._gather([w.rendezvous_info.remote() for w in self.workers], "start-up", startup)
         addr, port, _ = infos[0]
         if len({node for _, _, node in infos}) == 1:
             addr = "127.0.0.1"
-        ray.get([w.setup.remote(addr, port) for w in self.workers])
+        self._gather([w.setup.remote(addr, port) for w in self.workers], "process group setup", startup)
+
+    def _gather(self, refs: list, what: str, timeout_s: float | None = None) -> list:
+        try:
+            return wait_for(refs, self.cfg.cluster.call_timeout_s if timeout_s is None else timeout_s,
+                            f"learner {what}", self.workers)
+        except ray.exceptions.RayError as err:
+            self.shutdown()
+            raise LearnerGroupError(f"learner group stopped: {what} failed on a rank: "
+                                    f"{str(err).splitlines()[0]}") from err
 
     def train(self, shards: list[dict], iteration: int) -> list[dict]:
         """One learner phase; returns each rank's metrics."""
         if len(shards) != len(self.workers):
             raise ValueError(f"{len(shards)} shards for {len(self.workers)} learner workers")
-        return ray.get(
-            [w.train.remote(s["pieces"], s["advantages"], iteration) for w, s in zip(self.workers, shards)]
-        )
+        refs = [w.train.remote(s["pieces"], s["advantages"], iteration) for w, s in zip(self.workers, shards)]
+        return self._gather(refs, f"train (iteration {iteration})")
 
     def publish(self, version: int) -> PublishedWeights:
-        return ray.get(self.workers[0].publish.remote(version))
+        handle = self._gather([self.workers[0].publish.remote(version)], f"publish (version {version})")[0]
+        return dataclasses.replace(handle, generation=self.generation)
 
     def digests(self) -> list[str]:
-        return ray.get([w.weights_digest.remote() for w in self.workers])
+        return self._gather([w.weights_digest.remote() for w in self.workers], "weights digest")
 
     def save_checkpoint(self, folder: str | Path, tag: str) -> dict[str, dict]:
         """Every rank's part of the checkpoint; returns the entries of all the files they wrote."""
         written: dict[str, dict] = {}
-        for part in ray.get([w.save_checkpoint.remote(str(folder), tag) for w in self.workers]):
+        for part in self._gather([w.save_checkpoint.remote(str(folder), tag) for w in self.workers], "checkpoint save"):
             written.update(part)
         return written
 
     def load_checkpoint(self, folder: str | Path, tag: str) -> list[str]:
-        digests = ray.get([w.load_checkpoint.remote(str(folder), tag) for w in self.workers])
+        digests = self._gather([w.load_checkpoint.remote(str(folder), tag) for w in self.workers], "checkpoint load")
         if len(set(digests)) != 1:
             raise RuntimeError(f"learner ranks loaded different weights from {folder}: {digests}")
         return digests

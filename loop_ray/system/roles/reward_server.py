@@ -25,7 +25,7 @@ import ray
 from loop_ray.config import ExperimentConfig
 from loop_ray.rewards.checks import describe_problems
 from loop_ray.rewards.composite import combine_scores
-from loop_ray.system.roles.actors import get_or_none
+from loop_ray.system.roles.actors import CONCURRENCY_GROUPS, LIVENESS_GROUP, get_or_none
 from loop_ray.utils import pin_threads
 
 log = logging.getLogger(__name__)
@@ -77,11 +77,13 @@ class RewardActor:
             "seconds": time.perf_counter() - start,
         }
 
+    @ray.method(concurrency_group=LIVENESS_GROUP)
     def ping(self) -> int:
+        """Answers while a call scores (its own concurrency group): alive, not idle."""
         return self.rank
 
 
-RemoteRewardActor = ray.remote(RewardActor)
+RemoteRewardActor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RewardActor)
 
 
 class RewardGroup:
@@ -112,6 +114,11 @@ class RewardGroup:
         self._forget_finished()
         i = min(range(len(self.actors)), key=lambda j: len(self._in_flight[j]))
         return self._submit_to(i, chunk_ref)
+
+    def actor_of(self, ref):
+        """The actor serving a call's result `ref` (None once forgotten)."""
+        i = self._served_by.get(ref)
+        return None if i is None else self.actors[i]
 
     def forget(self, ref) -> None:
         """Drop the group's hold on a finished call's result (else the object store keeps it)."""
@@ -154,7 +161,8 @@ class RewardPool:
         """Score one image chunk (an ObjectRef) on one actor of every group."""
         return RewardCall(chunk_ref, [g.submit(chunk_ref) for g in self.groups])
 
-    def result(self, call: RewardCall, retries: int, what: str = "reward call") -> tuple[dict | None, int]:
+    def result(self, call: RewardCall, retries: int, what: str = "reward call",
+               timeout_s: float | None = None) -> tuple[dict | None, int]:
         """The chunk's combined result and the number of calls made again. A group's call that
         failed (its actor lost) is sent again, with the same chunk, up to `retries` times; when one
         still fails, the result is None (the chunk's groups are then never used) and the other
@@ -162,7 +170,7 @@ class RewardPool:
         partials, repeated = [], 0
         for g, (group, ref) in enumerate(zip(self.groups, call.refs)):
             label = what if len(self.groups) == 1 else f"{what} (reward group {g})"
-            result, attempt = get_or_none(ref, label), 0
+            result, attempt = get_or_none(ref, label, timeout_s, group.actor_of(ref)), 0
             while result is None and attempt < retries:
                 attempt += 1
                 try:
@@ -170,7 +178,7 @@ class RewardPool:
                 except ray.exceptions.RayError as err:
                     log.warning("reward actor cannot be revived: %s", str(err).splitlines()[0])
                     break
-                result = get_or_none(ref, f"{label}, attempt {attempt + 1}")
+                result = get_or_none(ref, f"{label}, attempt {attempt + 1}", timeout_s, group.actor_of(ref))
             repeated += attempt
             group.forget(ref)
             partials.append(result)

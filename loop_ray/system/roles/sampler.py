@@ -16,6 +16,7 @@ import ray
 import torch
 
 from loop_ray.config import ExperimentConfig
+from loop_ray.system.roles.actors import CONCURRENCY_GROUPS, LIVENESS_GROUP
 from loop_ray.system.roles.weights import ObjectStoreWeightSync, PublishedWeights
 from loop_ray.trajectory import TrajectoryBatch
 from loop_ray.utils import pin_threads
@@ -48,18 +49,24 @@ class SamplerActor:
         self.device = "cuda" if self.cfg.cluster.sampler_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.policy = build_policy(self.cfg, self.device)
         self.version = 0
+        self.generation = 0  # of the learner group whose weights it holds (PublishedWeights.generation)
         self.weight_sync = ObjectStoreWeightSync()
         self.images_done = 0
 
     def _use_version(self, version: int, weights: PublishedWeights | None) -> float:
-        """Load `weights` if this actor is not at `version` yet; returns the load seconds."""
-        if version == self.version:
+        """Load `weights` unless this actor holds that version (of that learner group) already;
+        returns the load seconds."""
+        if version == self.version and (weights is None or weights.generation == self.generation):
             return 0.0
         if weights is None or weights.version != version:
             have = None if weights is None else weights.version
             raise ValueError(f"sampler {self.rank}: asked for policy version {version}, given weights of {have}")
-        seconds = self.weight_sync.load(self.policy, weights)
-        self.version = version
+        try:
+            seconds = self.weight_sync.load(self.policy, weights)
+        except ray.exceptions.ObjectLostError as err:  # its publisher (learner rank 0) is gone
+            raise RuntimeError(f"sampler {self.rank}: policy version {version} is no longer available "
+                               f"({type(err).__name__}); its publisher was lost") from None
+        self.version, self.generation = version, weights.generation
         return seconds
 
     def _sample(self, prompts, prompt_ids, group_ids, seeds, k, version, weights, sde_steps=None, design=False):
@@ -128,8 +135,10 @@ class SamplerActor:
 
         return state_digest(self.policy.trainable_state_dict())
 
+    @ray.method(concurrency_group=LIVENESS_GROUP)
     def ping(self) -> int:
+        """Answers while a call samples (its own concurrency group): alive, not idle."""
         return self.rank
 
 
-RemoteSampler = ray.remote(SamplerActor)
+RemoteSampler = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(SamplerActor)

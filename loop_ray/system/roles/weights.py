@@ -28,6 +28,9 @@ class PublishedWeights:
     num_bytes: int
     publish_seconds: float
     payload: Any = field(default=None, repr=False)
+    # which learner group published it (0, then 1, 2, ... for groups rebuilt after a lost rank):
+    # a rebuilt group restored from a checkpoint publishes its own version v, not the lost one's
+    generation: int = 0
 
 
 class WeightSync(ABC):

@@ -9,6 +9,10 @@ Synchronous mode samples iteration i with the weights of version i. Asynchronous
 rollouts of the next `cluster.max_staleness` iterations in flight while the learner trains, so
 samples are at most that many versions old when learned from (the stored behaviour log-probs keep
 the importance ratio correct).
+
+Version 0 (the weights every role builds from the config) is published like every later version
+before the first call goes out, so any call sent again, on whichever sampler and whatever version
+that sampler is at by then, loads exactly the weights it was planned with.
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ from loop_ray.prompts import PromptSet
 from loop_ray.rewards.checks import InvalidRewardsError, describe_problems
 from loop_ray.system.launch import cluster
 from loop_ray.system.roles.buffer import TrajectoryBuffer
+from loop_ray.system.roles.learner import LearnerGroup, LearnerGroupError
 from loop_ray.system.run.evaluation import EvalResult, comparison_table, evaluate
 from loop_ray.system.run.metrics import iteration_record
 from loop_ray.system.run.resume import (
     ResumePoint,
     capture_rng,
     check_resumable,
+    newest_good_point,
     restore_rng,
 )
 from loop_ray.system.run.rollout import collect, dispatch
@@ -65,6 +71,7 @@ class Trainer:
             cfg.algorithm.control, cfg.seed,
         )
         self.version, self.weights, self.images_seen = 0, None, 0
+        self.learner_restarts = 0  # learner groups rebuilt after a lost rank
         self.records: list[dict] = []
         self.before: EvalResult | None = None
 
@@ -147,48 +154,91 @@ class Trainer:
                  point.checkpoint, point.iteration, self.version, digests[0], seconds)
         return seconds
 
+    def iteration(self, it: int, pending: deque, next_dispatch: int, bar) -> int:
+        """Iteration `it`: send the rollouts due (up to `max_staleness` ahead), collect this
+        one's, learn, publish, log; evaluate and checkpoint when due. Returns the next iteration
+        to dispatch."""
+        cfg = self.cfg
+        start = time.perf_counter()
+        while next_dispatch <= min(it + cfg.cluster.max_staleness, cfg.iterations - 1):
+            pending.append(self.dispatch(next_dispatch))
+            next_dispatch += 1
+        rollout = pending.popleft()
+        rollout_result = collect(rollout, self.buffer, retries=cfg.cluster.call_retries,
+                                 call_timeout_s=cfg.cluster.call_timeout_s)
+        batch, learner_metrics, incomplete = self.learn(it, rollout_result.problems)
+        digests = self.system.learner.digests() if cfg.learner.num_workers > 1 else []
+        weights = self.publish() if learner_metrics else None
+        self.images_seen += len(rollout.plan.seeds)
+        record = iteration_record(
+            it, self.version, self.images_seen, rollout_result, batch, learner_metrics, weights, digests,
+            incomplete, time.perf_counter() - start,
+        )
+        record["faults/learner_restarts"] = self.learner_restarts
+        self.run.log(record, self.images_seen)
+        self.run.add_train_point(self.images_seen, record["train/reward_mean"])
+        self.records.append(record)
+        _update_bar(bar, record)
+        last = it == cfg.iterations - 1
+        if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and not last:
+            self.evaluate(it + 1, f"iter-{it + 1:06d}")
+        if cfg.checkpoint.every and (it + 1) % cfg.checkpoint.every == 0 and not last:
+            self.checkpoint(it + 1)
+        return next_dispatch
+
+    def recover_learner(self, err: LearnerGroupError) -> int:
+        """After a lost learner rank (the group already stopped): a fresh learner group restored
+        from the run's newest good checkpoint, the driver state rewound to it. Returns the
+        iteration to go on from. Re-raises when `cluster.learner_restarts` are used up or there is
+        no good checkpoint to restore from."""
+        if self.learner_restarts >= self.cfg.cluster.learner_restarts:
+            raise err
+        point = newest_good_point(self.run.path)
+        if point is None:
+            raise LearnerGroupError(f"{err}; no good checkpoint under {self.run.checkpoints} to rebuild it from "
+                                    "(set checkpoint.every)") from err
+        self.learner_restarts += 1
+        log.warning("%s; rebuilding the learner group (restart %d of %d) from %s", err, self.learner_restarts,
+                    self.cfg.cluster.learner_restarts, point.checkpoint)
+        self.system.learner.shutdown()
+        self.system.learner = LearnerGroup(self.cfg, generation=self.learner_restarts)
+        self.buffer.clear()
+        self.restore(point)
+        self.run.rewind(self.records, self.images_seen, self.cfg.logging.tensorboard)
+        return point.iteration
+
     # ---------------------------------------------------------------------------------- loop
     def train(self, start_iteration: int = 0) -> TrainResult:
         """Iterations `start_iteration` .. cfg.iterations - 1 (a resumed run starts past 0 and
-        skips the evaluation before training, which its checkpoint holds)."""
+        skips the evaluation before training, which its checkpoint holds). A lost learner rank
+        sends the loop back to the newest good checkpoint (`recover_learner`); the rollouts in
+        flight then are dropped and planned again from there."""
         cfg = self.cfg
+        if self.weights is None:
+            self.weights = self.system.learner.publish(self.version)
         if start_iteration == 0:
             self.before = self.evaluate(0, "before")
-        before = after = self.before
         pending: deque = deque()
-        next_dispatch = start_iteration
+        it = next_dispatch = start_iteration
         bar = _progress(cfg, start_iteration)
-        for it in range(start_iteration, cfg.iterations):
-            start = time.perf_counter()
-            while next_dispatch <= min(it + cfg.cluster.max_staleness, cfg.iterations - 1):
-                pending.append(self.dispatch(next_dispatch))
-                next_dispatch += 1
-            rollout = pending.popleft()
-            rollout_result = collect(rollout, self.buffer, retries=cfg.cluster.call_retries)
-            batch, learner_metrics, incomplete = self.learn(it, rollout_result.problems)
-            digests = self.system.learner.digests() if cfg.learner.num_workers > 1 else []
-            weights = self.publish() if learner_metrics else None
-            self.images_seen += len(rollout.plan.seeds)
-            record = iteration_record(
-                it, self.version, self.images_seen, rollout_result, batch, learner_metrics, weights, digests,
-                incomplete, time.perf_counter() - start,
-            )
-            self.run.log(record, self.images_seen)
-            self.run.add_train_point(self.images_seen, record["train/reward_mean"])
-            self.records.append(record)
-            _update_bar(bar, record)
-            last = it == cfg.iterations - 1
-            if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and not last:
-                self.evaluate(it + 1, f"iter-{it + 1:06d}")
-            if cfg.checkpoint.every and (it + 1) % cfg.checkpoint.every == 0 and not last:
-                self.checkpoint(it + 1)
+        while it < cfg.iterations:
+            try:
+                next_dispatch = self.iteration(it, pending, next_dispatch, bar)
+                it += 1
+            except LearnerGroupError as err:
+                it = next_dispatch = self.recover_learner(err)
+                pending.clear()
+                if bar is not None:
+                    bar.n = it
+                    bar.refresh()
         if bar is not None:
             bar.close()
+        after = self.before
         if cfg.iterations > start_iteration:
             after = self.evaluate(cfg.iterations, "after")
             self.checkpoint(cfg.iterations)
         self.run.plot()
-        return TrainResult(self.run.path, before, after, self.records)
+        return TrainResult(self.run.path, self.before, after, self.records)
 
 
 def _progress(cfg: ExperimentConfig, start: int = 0):

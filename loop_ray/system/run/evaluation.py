@@ -56,7 +56,7 @@ def evaluate(
     cfg: ExperimentConfig, plan: Plan, samplers, pool, version: int, weights, grid_path: Path | None
 ) -> EvalResult:
     rollout = dispatch(samplers, pool, plan, version, weights, cfg.reward.batch_size, evaluation=True)
-    result = collect(rollout, retries=cfg.cluster.call_retries)
+    result = collect(rollout, retries=cfg.cluster.call_retries, call_timeout_s=cfg.cluster.call_timeout_s)
     mean, by_category, by_term = summarise(plan, result.rewards, result.parts)
     grid = None
     if grid_path is not None and cfg.eval.grid_prompts > 0:

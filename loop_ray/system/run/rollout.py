@@ -6,7 +6,8 @@ reward actor. `collect` waits for the small results (stats, rewards) and, for tr
 each batch's ref and its rewards in the buffer. A sampler call that fails (its actor lost) is sent
 again with the same prompts and seeds, a reward call again with the same image chunk, to a
 restarted or replacement actor (`loop_ray.system.roles.actors`); only a call that fails every retry is
-left out, and the buffer then never uses the groups it touched.
+left out, and the buffer then never uses the groups it touched. A call still unanswered at its
+deadline (`call_timeout_s`) counts as failed and is sent again the same way.
 """
 
 from __future__ import annotations
@@ -114,11 +115,13 @@ class RolloutResult:
     problems: list[str] = field(default_factory=list)  # what the reward terms got wrong
 
 
-def _stats_with_retries(rollout: Rollout, j: int, retries: int) -> tuple[dict | None, int]:
+def _stats_with_retries(rollout: Rollout, j: int, retries: int,
+                        call_timeout_s: float | None = None) -> tuple[dict | None, int]:
     """Job j's sampler stats; when its call failed, the job is sent again with the same prompts
     and seeds (to sampler j once Ray restarted it or a fresh one replaced it, then to the next
     samplers), so the lost trajectories are regenerated exactly. Returns (stats, times resent)."""
-    stats = get_or_none(rollout.stats_refs[j], f"sampler call {j} (iteration version {rollout.version})")
+    stats = get_or_none(rollout.stats_refs[j], f"sampler call {j} (policy version {rollout.version})",
+                        call_timeout_s, rollout.samplers[j % len(rollout.samplers)])
     attempt = 0
     while stats is None and attempt < retries:
         attempt += 1
@@ -130,21 +133,23 @@ def _stats_with_retries(rollout: Rollout, j: int, retries: int) -> tuple[dict | 
             continue
         log.warning("sampling job %d again on sampler %d with the same prompts and seeds (attempt %d)", j, i, attempt)
         _submit_job(rollout, j, sampler)
-        stats = get_or_none(rollout.stats_refs[j], f"sampler call {j}, attempt {attempt + 1}")
+        stats = get_or_none(rollout.stats_refs[j], f"sampler call {j}, attempt {attempt + 1}", call_timeout_s, sampler)
     return stats, attempt
 
 
-def collect(rollout: Rollout, buffer: TrajectoryBuffer | None = None, retries: int = 2) -> RolloutResult:
-    """Wait for the rollout's stats and rewards, sending a failed sampler or reward call again up
-    to `retries` times; with a buffer, register every batch whose sampler succeeded and set the
-    rewards that came back. A call that still fails is counted and its groups never complete."""
+def collect(rollout: Rollout, buffer: TrajectoryBuffer | None = None, retries: int = 2,
+            call_timeout_s: float | None = None) -> RolloutResult:
+    """Wait for the rollout's stats and rewards, sending a failed (or, past `call_timeout_s`
+    seconds, late) sampler or reward call again up to `retries` times; with a buffer, register
+    every batch whose sampler succeeded and set the rewards that came back. A call that still
+    fails is counted and its groups never complete."""
     total = len(rollout.plan.seeds)
     rewards = np.full(total, np.nan, np.float32)
     parts: dict[str, np.ndarray] = {}
     failures = regenerated = rescored = 0
     sampler_stats, entry_ids, sampled = [], [], []
     for j, job in enumerate(rollout.jobs):
-        stats, resent = _stats_with_retries(rollout, j, retries)
+        stats, resent = _stats_with_retries(rollout, j, retries, call_timeout_s)
         regenerated += resent
         failures += stats is None
         sampled.append(stats is not None)
@@ -162,7 +167,7 @@ def collect(rollout: Rollout, buffer: TrajectoryBuffer | None = None, retries: i
     for j, _chunk, call in list(rollout.reward_refs):
         if not sampled[j]:
             continue  # its sampler job failed for good: nothing to score
-        result, attempts = rollout.pool.result(call, retries, f"reward call for sampler share {j}")
+        result, attempts = rollout.pool.result(call, retries, f"reward call for sampler share {j}", call_timeout_s)
         rescored += attempts
         if result is None:
             failures += 1

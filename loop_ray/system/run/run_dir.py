@@ -92,6 +92,25 @@ class RunDir:
                 run.add_eval_point(r["images_seen"], r["eval/reward_mean"])
         return run
 
+    def rewind(self, records: list[dict], images_seen: int, tensorboard: bool) -> None:
+        """Go back to a checkpoint within this process (the learner group was rebuilt from it):
+        metrics.jsonl keeps only `records`, TensorBoard purges its events after `images_seen`,
+        the reward plot's points are those of `records`. W&B keeps what it was sent."""
+        self._metrics.close()
+        tmp = self.path / "metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(_jsonable(r)) + "\n" for r in records))
+        tmp.replace(self.path / "metrics.jsonl")
+        self._metrics = open(self.path / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 (closed in close())
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.path / "tensorboard"), purge_step=images_seen + 1)
+        self.train_points = [(r["images_seen"], r["train/reward_mean"]) for r in records if r.get("kind") == "train"]
+        self.eval_points = [(r["images_seen"], r["eval/reward_mean"]) for r in records if r.get("kind") == "eval"]
+
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
