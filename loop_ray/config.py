@@ -145,6 +145,9 @@ class AlgorithmConfig(_Section):
     # added to the loss of every trained step: beta * KL(p_ref(x_{t-1}|x_t,c) || p_theta(.|x_t,c)),
     # averaged over latent dims like the log-probs (DPOK, Flow-GRPO). 0 = none (the paper's LOOP).
     kl_beta: float = Field(0.0, ge=0.0)
+    # Per-step loss weight (loop_ray.algorithms.step_loss_weights): none (the paper), sigma (the
+    # step's std: cancels the 1/sigma of the log-prob gradient), output (sigma / |d mu / d output|)
+    step_weight: Literal["none", "sigma", "output"] = "none"
 
 
 class LearnerConfig(_Section):
@@ -152,6 +155,10 @@ class LearnerConfig(_Section):
     num_cpus_per_worker: float = Field(1.0, ge=0.0)
     num_gpus_per_worker: float = Field(0.0, ge=0.0)
     resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources (node-type placement)
+    # adamw (the paper) or sgd (plain SGD with momentum `sgd_momentum`: the update is the summed
+    # gradient, the direction `loop-ray diagnose --align` measures, where Adam rescales each weight)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    sgd_momentum: float = Field(0.0, ge=0.0, lt=1.0)
     lr: float = Field(1e-5, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
