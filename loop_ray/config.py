@@ -35,9 +35,10 @@ class ModelConfig(_Section):
     lora_rank: int = Field(0, ge=0)  # 0 = train the full UNet; >0 = peft LoRA adapters of this rank
     lora_alpha: float | None = None  # None = lora_rank
     sample_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # autocast dtype while sampling
-    # which parameters train (loop_ray.diffusion.trainable): all, or only the text cross-attention;
+    # which parameters train (loop_ray.diffusion.trainable): all, only the text cross-attention, or
+    # only a per-channel gain on each cross-attention output (condition_gain);
     # `freeze` lists parameter-name prefixes frozen on top (e.g. [conv_out, conv_norm_out])
-    trainable: Literal["all", "cross_attention"] = "all"
+    trainable: Literal["all", "cross_attention", "condition_gain"] = "all"
     freeze: list[str] = Field(default_factory=list)
     seed: int = 0  # init seed of kind=tiny_sd
 
