@@ -32,7 +32,7 @@ study: $(STAMP)
 	$(PY) -m loop_ray.cli study
 
 lint: $(STAMP)
-	$(PY) -m ruff check loop_ray tests
+	$(PY) -m ruff check loop_ray tests scripts examples
 
 clean:
 	rm -rf .venv runs .pytest_cache

@@ -11,7 +11,7 @@ and the per-step objective of PPO/LOOP, with rho_t = exp(logp_theta(x_{t-1}|x_t,
     L = -E[ min(rho_t * A, clip(rho_t, 1 - eps, 1 + eps) * A) ]                 (LOOP, eq. 9)
 
 averaged over samples, steps and prompts. Every method of the paper's study is a preset over
-these same pieces (see PRESETS and the README's table).
+these same pieces (see PRESETS, tabled in the README).
 """
 
 from __future__ import annotations
@@ -70,6 +70,15 @@ class StatTracker:
         self.min_count = min_count
         self.std_eps = std_eps
         self.history: dict[str, deque] = {}
+
+    @classmethod
+    def for_algorithm(cls, algorithm) -> StatTracker | None:
+        """The tracker an `algorithm` config section (loop_ray.config.AlgorithmConfig) asks for: one
+        with its stat_tracker_buffer, stat_tracker_min_count and std_eps when its advantage
+        estimator is `stat_tracker`, else None. The one place a run's tracker is built."""
+        if algorithm.advantage != "stat_tracker":
+            return None
+        return cls(algorithm.stat_tracker_buffer, algorithm.stat_tracker_min_count, algorithm.std_eps)
 
     def update(self, prompts: Sequence[str], rewards: torch.Tensor) -> torch.Tensor:
         """Add the rewards [N] of prompts [N] and return their advantages [N]."""

@@ -184,8 +184,8 @@ def align(cfg, directions: dict[str, torch.Tensor], *, images: int = 512, every:
     stays at its starting weights: g_N is the estimate at theta_0 from iterations 0, 1, ... of the
     config's own plan (prompts, seeds, stochastic steps, group noise, advantages clamped as the
     learner does, `algorithm.step_weight`)."""
-    from loop_ray.algorithms import apply_control, control_seed
-    from loop_ray.diagnose import _flat_grad, _stat_tracker, sample_scored
+    from loop_ray.algorithms import StatTracker, apply_control, control_seed
+    from loop_ray.diagnose import flat_grad, sample_scored
     from loop_ray.diffusion.factory import build_policy
     from loop_ray.prompts import load_prompts
     from loop_ray.rewards.composite import CompositeReward
@@ -205,7 +205,7 @@ def align(cfg, directions: dict[str, torch.Tensor], *, images: int = 512, every:
         if not float(d.norm()) > 0:
             raise ValueError(f"the direction {ref!r} is zero: there is nothing to align with")
     reward = CompositeReward.from_config(cfg.reward)
-    prompt_set, tracker = load_prompts(cfg.prompts.train), _stat_tracker(cfg)
+    prompt_set, tracker = load_prompts(cfg.prompts.train), StatTracker.for_algorithm(cfg.algorithm)
     names = ["true"] + [f"null{i}" for i in range(nulls)]
     total = {n: torch.zeros(dim) for n in names}
     per_step: dict[int, dict[str, torch.Tensor]] = {}
@@ -233,7 +233,7 @@ def align(cfg, directions: dict[str, torch.Tensor], *, images: int = 512, every:
                     logp = logp * step_w[steps[rows, c]].to(logp.device, logp.dtype)
                 j = int(steps[rows[0], c])
                 for i, n in enumerate(names):
-                    g = _flat_grad((weights[n][rows].to(logp.device) * logp).sum(), params, retain=i < len(names) - 1)
+                    g = flat_grad((weights[n][rows].to(logp.device) * logp).sum(), params, retain=i < len(names) - 1)
                     total[n] += g
                     per_step.setdefault(j, {m: torch.zeros(dim) for m in names})[n] += g
             seen += len(rows)

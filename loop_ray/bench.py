@@ -21,7 +21,6 @@ It writes bench.json and bench.md under the output folder and prints the table.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -243,39 +242,31 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="loop-ray bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/bench")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--only", nargs="+", choices=["sampler", "learner", "end_to_end", "weights"],
-                   default=["sampler", "learner", "end_to_end", "weights"])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--no-sd2", action="store_true", help="skip the SD2-shaped UNet in the weights figure")
-    args = p.parse_args(argv)
+BENCHMARKS = ("sampler", "learner", "end_to_end", "weights")
+
+
+def run_bench(out: str | Path, repeats: int = 3, only: tuple[str, ...] = BENCHMARKS, batch: int = 8, steps: int = 20,
+              sd2: bool = True) -> dict:
+    """Run the benchmarks named in `only`, write OUT/bench.json and bench.md, return the report."""
     from loop_ray.utils import output_folder, pin_threads
 
-    output_folder(args.out)  # fails now rather than after the benchmarks
+    out = output_folder(out)  # fails now rather than after the benchmarks
     pin_threads(1)
     report: dict = {"hardware": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                                 f"{torch.get_num_threads()} thread(s)"}
-    if "sampler" in args.only:
-        report["sampler"] = bench_sampler(args.repeats, args.batch, args.steps, 2.0)
-    if "learner" in args.only:
-        report["learner"] = bench_learner(args.repeats)
-    if "end_to_end" in args.only:
+    if "sampler" in only:
+        report["sampler"] = bench_sampler(repeats, batch, steps, 2.0)
+    if "learner" in only:
+        report["learner"] = bench_learner(repeats)
+    if "end_to_end" in only:
         from loop_ray.bench_e2e import bench_end_to_end
 
-        e2e, memory = bench_end_to_end(args.repeats)
+        e2e, memory = bench_end_to_end(repeats)
         report["end_to_end"] = {mode: {**s, "throughput_ratio": throughput_ratio(s["ray"], s["local"])}
                                 for mode, s in e2e.items()}
         report["memory_peak_rss_mb"] = {"driver/bench process": peak_rss_mb(), **memory}
-    if "weights" in args.only:
-        report["weights"] = bench_weights(args.repeats, not args.no_sd2)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if "weights" in only:
+        report["weights"] = bench_weights(repeats, sd2)
     (out / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "bench.md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"wrote {out}/bench.json and bench.md")
-    return 0
+    return report

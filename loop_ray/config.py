@@ -1,7 +1,8 @@
 """Typed configuration of one loop-ray experiment.
 
-One YAML file describes one experiment; `load_config(path, overrides)` reads it, applies the
-algorithm preset (see `loop_ray.algorithms.PRESETS`), applies `--set a.b.c=value` overrides and
+One YAML file describes one experiment; it may name a base config (`base: toy.yaml`, a path
+relative to the file) whose keys it overrides. `load_config(path, overrides)` reads it and its
+bases, applies the algorithm preset (see `loop_ray.algorithms.PRESETS`), applies `--set a.b.c=value` overrides and
 validates the result. Every error names the key path and the file it came from.
 """
 
@@ -13,6 +14,21 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from loop_ray.algorithms import CONTROLS, ESTIMATORS, PRESETS, STEP_WEIGHTS
+from loop_ray.diffusion.kinds import (
+    FLOW_MODEL_KINDS,
+    GROUP_NOISE,
+    MODEL_KINDS,
+    SAMPLE_DTYPES,
+    SDE_KINDS,
+    TRAINABLE,
+    WINDOW_PLACEMENTS,
+)
+
+# each choice list is defined beside the code that uses it; the config's fields name these
+DTYPES = tuple(SAMPLE_DTYPES)
+PRESET_NAMES = tuple(PRESETS)
 
 
 class ConfigError(ValueError):
@@ -29,20 +45,20 @@ class ModelConfig(_Section):
     for tests and benchmarks); the flow-matching models `sd3` (SD3 / SD3.5), `flux` (FLUX.1) and their
     random tiny stacks `tiny_sd3`, `tiny_flux`."""
 
-    kind: Literal["toy", "stable_diffusion", "tiny_sd", "sd3", "flux", "tiny_sd3", "tiny_flux"] = "toy"
+    kind: Literal[MODEL_KINDS] = "toy"
     path: str | None = None  # None with kind=toy means the committed embedded checkpoint
     revision: str | None = None
     lora_rank: int = Field(0, ge=0)  # 0 = train the full UNet; >0 = peft LoRA adapters of this rank
     lora_alpha: float | None = None  # None = lora_rank
-    sample_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # autocast dtype while sampling
+    sample_dtype: Literal[DTYPES] = "fp32"  # autocast dtype while sampling
     # which parameters train (loop_ray.diffusion.trainable): all, only the text cross-attention, or
     # only a per-channel gain on each cross-attention output (condition_gain);
     # `freeze` lists parameter-name prefixes frozen on top (e.g. [conv_out, conv_norm_out])
-    trainable: Literal["all", "cross_attention", "condition_gain"] = "all"
+    trainable: Literal[TRAINABLE] = "all"
     freeze: list[str] = Field(default_factory=list)
     seed: int = 0  # init seed of kind=tiny_sd
 
-    # --- flow-matching models (kind sd3 / flux / tiny_sd3 / tiny_flux; loop_ray/diffusion/flow_*.py) ---
+    # --- flow-matching models (kind sd3 / flux / tiny_sd3 / tiny_flux; loop_ray/diffusion/flow/) ---
     max_sequence_length: int | None = Field(None, ge=1)  # T5 tokens; None = the pipeline's (SD3 256, FLUX 512)
 
 
@@ -59,16 +75,16 @@ class SamplingConfig(_Section):
     # over the run (MixGRPO). Steps outside run DDIM with eta = 0 and are never trained.
     sde_steps: list[int] | None = None
     sde_window: int | None = Field(None, ge=1)
-    sde_window_placement: Literal["fixed", "random", "sliding"] = "fixed"
+    sde_window_placement: Literal[WINDOW_PLACEMENTS] = "fixed"
     sde_window_start: int = Field(0, ge=0)
     sde_window_end: int | None = Field(None, ge=1)  # exclusive; null = num_steps
     # How the K samples of a group share noise (loop_ray.diffusion.policy_base): independent (the
     # paper), branch (shared initial noise and deterministic prefix, parting at the first stochastic
     # step), shared (every step stochastic, only the sde steps' noise differs within a group)
-    group_noise: Literal["independent", "branch", "shared"] = "independent"
+    group_noise: Literal[GROUP_NOISE] = "independent"
 
     # --- flow-matching models (loop_ray/diffusion/flow/logprob.py); eta is the DDIM models' ---
-    flow_sde: Literal["sde", "cps"] = "sde"  # Flow-GRPO's SDE step, or Flow-CPS's coefficient-preserving one
+    flow_sde: Literal[SDE_KINDS] = "sde"  # Flow-GRPO's SDE step, or Flow-CPS's coefficient-preserving one
     flow_noise_level: float = Field(0.7, ge=0.0)  # a: sigma_s = a sqrt(s / (1 - s)) (sde), sin(a pi / 2) (cps)
     flow_resolution: int | None = Field(None, ge=8)  # image side in pixels; None = the model's default
 
@@ -127,8 +143,8 @@ class RewardConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    preset: Literal["reinforce", "reinforce_bc", "rloo", "ppo", "loop", "grpo"] | None = "loop"
-    advantage: Literal["none", "prompt_mean", "leave_one_out", "group_std", "stat_tracker"] = "leave_one_out"
+    preset: Literal[PRESET_NAMES] | None = "loop"
+    advantage: Literal[ESTIMATORS] = "leave_one_out"
     importance_sampling: bool = True
     clip_eps: float = Field(1e-4, gt=0.0)
     inner_epochs: int = Field(1, ge=1)
@@ -141,14 +157,17 @@ class AlgorithmConfig(_Section):
     std_eps: float = Field(1e-6, gt=0.0)  # group_std / stat_tracker denominator epsilon
     # The null for every learning claim: `shuffle` permutes the advantages across all samples of an
     # iteration (same magnitudes, no information about which image was better)
-    control: Literal["none", "shuffle"] = "none"
+    control: Literal[CONTROLS] = "none"
     # Weight beta of a KL penalty to the reference policy (the weights the learner starts from),
     # added to the loss of every trained step: beta * KL(p_ref(x_{t-1}|x_t,c) || p_theta(.|x_t,c)),
     # averaged over latent dims like the log-probs (DPOK, Flow-GRPO). 0 = none (the paper's LOOP).
     kl_beta: float = Field(0.0, ge=0.0)
     # Per-step loss weight (loop_ray.algorithms.step_loss_weights): none (the paper), sigma (the
     # step's std: cancels the 1/sigma of the log-prob gradient), output (sigma / |d mu / d output|)
-    step_weight: Literal["none", "sigma", "output"] = "none"
+    step_weight: Literal[STEP_WEIGHTS] = "none"
+
+
+OPTIMIZERS = ("adamw", "sgd")  # loop_ray.training.deepspeed_engine.build_optimizer
 
 
 class LearnerConfig(_Section):
@@ -158,7 +177,7 @@ class LearnerConfig(_Section):
     resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources (node-type placement)
     # adamw (the paper) or sgd (plain SGD with momentum `sgd_momentum`: the update is the summed
     # gradient, the direction `loop-ray diagnose --align` measures, where Adam rescales each weight)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal[OPTIMIZERS] = "adamw"
     sgd_momentum: float = Field(0.0, ge=0.0, lt=1.0)
     lr: float = Field(1e-5, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
@@ -166,7 +185,7 @@ class LearnerConfig(_Section):
     adam_eps: float = Field(1e-8, gt=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
     zero_stage: int = Field(0, ge=0, le=3)
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    precision: Literal[DTYPES] = "fp32"
     minibatch_size: int = Field(4, ge=1)  # samples per worker per forward
     minibatches_per_step: int = Field(1, ge=1)  # optimizer step every N minibatches
     backend: Literal["auto", "gloo", "nccl"] = "auto"
@@ -287,7 +306,7 @@ class ExperimentConfig(_Section):
                 "noise share is sin(a pi / 2), so a must lie in [0, 1]"
             )
         last = sampling.num_steps - 1
-        if kind in ("sd3", "flux", "tiny_sd3", "tiny_flux") and sampling.flow_sde == "cps" and _reaches(sampling, last):
+        if kind in FLOW_MODEL_KINDS and sampling.flow_sde == "cps" and _reaches(sampling, last):
             raise ValueError(
                 f"sampling.sde_steps / sde_window: with sampling.flow_sde=cps the last step ({last}) is deterministic "
                 "(s' = 0), so a window that can reach it would train fewer steps in some iterations; keep the "
@@ -362,8 +381,6 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 
 def _apply_preset(data: dict, source: str) -> None:
     """Fill the preset's values where the file does not set them (the file wins)."""
-    from loop_ray.algorithms import PRESETS
-
     preset = (data.get("algorithm") or {}).get("preset", AlgorithmConfig.model_fields["preset"].default)
     if preset is None:
         return
@@ -400,10 +417,25 @@ def config_from_dict(data: dict, source: str = "<dict>", overrides: dict[str, An
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> ExperimentConfig:
-    """Read a YAML experiment file, apply its preset and `--set` overrides, validate."""
-    path = Path(path)
+BASE_KEY = "base"  # a config file's base config: a path relative to the file, whose keys it overrides
+
+
+def merge_config_data(base: dict, override: dict) -> dict:
+    """`override` on top of `base`: mappings merge key by key, at every depth; any other value (a list
+    included, e.g. reward.terms) replaces the base's. Neither input is changed."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_config_data(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path, named_by: str | None) -> dict:
     if not path.is_file():
+        if named_by is not None:
+            raise ConfigError(f"{named_by}: base config not found: {path}")
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -411,6 +443,44 @@ def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None =
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path} cannot be read: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def read_config_data(path: str | Path) -> dict:
+    """The YAML mapping of a config file with its `base:` chain resolved: the base's data (itself
+    resolved the same way), the file's keys merged on top (merge_config_data), without the `base`
+    key. A missing base or a cycle (a file that is its own base, at any depth) is a one-line
+    ConfigError naming the files."""
+    chain: list[Path] = []  # resolved, to find a cycle; `shown` as the files name each other
+    shown: list[str] = []
+    path, named_by = Path(path), None
+    layers: list[dict] = []
+    while True:
+        resolved = path.resolve()
+        if resolved in chain:
+            raise ConfigError(f"{named_by}: base configs form a cycle: {' -> '.join([*shown, str(path)])}")
+        chain.append(resolved)
+        shown.append(str(path))
+        data = _read_yaml(path, named_by)
+        layers.append(data)
+        base = data.pop(BASE_KEY, None)
+        if base is None:
+            break
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"{path}: base: expected a path to another config file, got {base!r}")
+        named_by, path = str(path), path.parent / base
+    merged: dict = {}
+    for data in reversed(layers):
+        merged = merge_config_data(merged, data)
+    return merged
+
+
+def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment file (with its `base:` configs, read_config_data), apply its preset and
+    `--set` overrides, validate."""
+    data = read_config_data(path)
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     return config_from_dict(data, source=str(path), overrides=overrides)

@@ -140,7 +140,7 @@ def summarize(g: torch.Tensor, splits: int, generator: torch.Generator) -> dict:
 # ------------------------------------------------------------------------------- the gradients
 
 
-def _flat_grad(value: torch.Tensor, params: list[torch.nn.Parameter], retain: bool) -> torch.Tensor:
+def flat_grad(value: torch.Tensor, params: list[torch.nn.Parameter], retain: bool) -> torch.Tensor:
     grads = torch.autograd.grad(value, params, retain_graph=retain, allow_unused=True)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).detach().flatten().float().cpu()
                       for g, p in zip(grads, params)])
@@ -156,13 +156,6 @@ def sample_scored(cfg, policy, reward, prompt_set, iteration: int, stat_tracker=
     k, a = cfg.sampling.k, cfg.algorithm
     batch, _ = sample_and_score(cfg, policy, reward, prompt_set, iteration, stat_tracker, control="none")
     return batch, batch.rewards.view(-1, k), batch.advantages.view(-1, k).clamp(-a.adv_clip_max, a.adv_clip_max)
-
-
-def _stat_tracker(cfg):
-    from loop_ray.algorithms import StatTracker
-
-    a = cfg.algorithm
-    return StatTracker(a.stat_tracker_buffer, a.stat_tracker_min_count, a.std_eps)
 
 
 def per_prompt_gradients(policy, batch, k: int, steps: torch.Tensor, weightings: dict[str, torch.Tensor],
@@ -185,7 +178,7 @@ def per_prompt_gradients(policy, batch, k: int, steps: torch.Tensor, weightings:
             names = list(weightings)
             for i, name in enumerate(names):
                 w = weightings[name][rows].to(logp.device, logp.dtype)
-                current[name][p] = _flat_grad((w * logp).sum(), params, retain=i < len(names) - 1)
+                current[name][p] = flat_grad((w * logp).sum(), params, retain=i < len(names) - 1)
         for name in weightings:
             totals[name] += current[name]
         if on_step is not None:
@@ -199,7 +192,7 @@ def per_prompt_gradients(policy, batch, k: int, steps: torch.Tensor, weightings:
 def diagnose(cfg, *, prompts: int | None = None, splits: int = 200, iteration: int = 0, device: str = "cpu",
              log=print) -> dict:
     """The whole diagnostic of one config (module docstring); returns the JSON-ready record."""
-    from loop_ray.algorithms import apply_control, control_seed
+    from loop_ray.algorithms import StatTracker, apply_control, control_seed
     from loop_ray.diffusion.factory import build_policy
     from loop_ray.prompts import load_prompts
     from loop_ray.rewards.composite import CompositeReward
@@ -212,7 +205,7 @@ def diagnose(cfg, *, prompts: int | None = None, splits: int = 200, iteration: i
     policy = build_policy(cfg, device)
     reward = CompositeReward.from_config(cfg.reward)
     batch, rewards, advantages = sample_scored(cfg, policy, reward, load_prompts(cfg.prompts.train), iteration,
-                                               _stat_tracker(cfg))
+                                               StatTracker.for_algorithm(cfg.algorithm))
     num_prompts = rewards.shape[0]
     if num_prompts < 3:
         raise ValueError(f"{num_prompts} prompts with a valid reward: the diagnostic needs at least 3")
@@ -311,11 +304,11 @@ def format_report(result: dict, name: str = "") -> str:
     return "\n".join(lines)
 
 
-def _json_safe(x):
+def json_safe(x):
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
+        return [json_safe(v) for v in x]
     return x

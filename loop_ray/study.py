@@ -15,7 +15,6 @@ interrupted study continues where it stopped. `--quick` shrinks everything to a 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -74,13 +73,12 @@ def _run_one(job: dict) -> dict:
         "k": cfg.sampling.k,
         "iterations": cfg.iterations,
         "images_seen": [h["images_seen"] for h in history],
-        "train_reward": [h["reward_mean"] for h in history],
+        "train_reward": [h["train/reward_mean"] for h in history],
         "before": result["before"],
         "after": result["after"],
         "wall_seconds": wall,
-        "train_images_per_second": history[-1]["images_seen"] / sum(
-            h["sample_score_seconds"] + h["learn_seconds"] for h in history
-        ) if history else float("nan"),
+        "train_images_per_second": history[-1]["images_seen"] / sum(h["iteration_seconds"] for h in history)
+        if history else float("nan"),
         "clip_fraction": float(np.mean([h["learner/clip_fraction"] for h in history])) if history else float("nan"),
     }
 
@@ -229,11 +227,9 @@ def _run_all(jobs: list[dict], out_dir: Path, workers: int) -> list[dict]:
 
 def run_study(config_path: str, out_dir: Path, methods: list[str], seeds: list[int], images_per_iteration: int,
               iterations: int, device: str, workers: int, threads: int, extra: dict | None = None) -> dict:
-    import yaml
+    from loop_ray.config import config_from_dict, read_config_data
 
-    from loop_ray.config import config_from_dict
-
-    data = yaml.safe_load(Path(config_path).read_text()) or {}
+    data = read_config_data(config_path)
     base = {"iterations": iterations, **(extra or {})}
     jobs = []
     for label in methods:
@@ -267,38 +263,8 @@ def run_study(config_path: str, out_dir: Path, methods: list[str], seeds: list[i
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="loop-ray study", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/study.yaml", help="base experiment (default: configs/study.yaml)")
-    p.add_argument("--out", default="runs/study", help="output folder")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--images-per-iteration", type=int, default=96, help="divisible by every K (default 96)")
-    p.add_argument("--iterations", type=int, default=None, help="default: the config's")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--workers", type=int, default=1, help="runs in parallel (processes)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    p.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 1 iteration, tiny sampling and eval")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override for every run (e.g. eval.max_prompts=20); not the keys each method sets")
-    args = p.parse_args(argv)
-    from loop_ray.config import load_config, parse_overrides
-
-    extra = parse_overrides(args.set)
-    cfg = load_config(args.config, extra)
-    from loop_ray.utils import output_folder
-
-    output_folder(args.out)  # fails now rather than after the runs
-    iterations = args.iterations if args.iterations is not None else cfg.iterations
-    seeds = list(range(args.seeds))
-    ipi = args.images_per_iteration
-    if args.quick:
-        seeds, iterations, ipi = [0], 1, 12
-        extra = {**extra, "sampling.num_steps": 4, "sampling.batch_size": 12, "learner.minibatch_size": 4,
-                 "learner.minibatches_per_step": 1, "eval.images_per_prompt": 2, "eval.max_prompts": 3,
-                 "eval.batch_size": 6}
-    report = run_study(args.config, Path(args.out), args.methods, seeds, ipi, iterations, args.device,
-                       args.workers, args.threads, extra)
-    print((Path(args.out) / "table.md").read_text())
-    print(f"wrote {args.out}/results.json, table.md, curves.png in {report['wall_seconds']:.0f} s")
-    return 0
+# --quick: a smoke test of the whole study (1 seed, 1 iteration, tiny sampling and evaluation)
+QUICK_OVERRIDES = {"sampling.num_steps": 4, "sampling.batch_size": 12, "learner.minibatch_size": 4,
+                   "learner.minibatches_per_step": 1, "eval.images_per_prompt": 2, "eval.max_prompts": 3,
+                   "eval.batch_size": 6}
+QUICK_IMAGES_PER_ITERATION = 12

@@ -23,14 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _one(job: dict) -> dict:
-    import yaml
 
-    from loop_ray.config import config_from_dict
+    from loop_ray.config import config_from_dict, read_config_data
     from loop_ray.training.single_process import SingleProcessRun
     from loop_ray.utils import pin_threads
 
     pin_threads(1)
-    data = yaml.safe_load(Path(job["config"]).read_text())
+    data = read_config_data(job["config"])
     overrides = dict(job["overrides"])
     control = overrides.pop("control", None)  # shuffle: the config's algorithm.control; negate: see below
     if control in ("none", "shuffle"):
@@ -46,7 +45,7 @@ def _one(job: dict) -> dict:
         "overrides": job["overrides"],
         "before": {c: v["mean"] for c, v in result["before"]["categories"].items()} | {"all": result["before"]["mean"]},
         "after": {c: v["mean"] for c, v in result["after"]["categories"].items()} | {"all": result["after"]["mean"]},
-        "train_reward": [round(x["reward_mean"], 4) for x in h],
+        "train_reward": [round(x["train/reward_mean"], 4) for x in h],
         "approx_kl": [round(x["learner/approx_kl"], 6) for x in h],
         "clip_fraction": [round(x["learner/clip_fraction"], 3) for x in h],
         "kl_ref": [round(x.get("learner/kl_ref", 0.0), 6) for x in h],

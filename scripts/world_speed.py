@@ -3,12 +3,11 @@
 For each config: the sampler alone (`sampling.prompts_per_iteration` prompts x K, the config's
 steps, guidance and step design) and one whole single-process iteration (sample, score, learn:
 `loop_ray.training.single_process.SingleProcessRun.step`), alternating the configs `--repeats` times and reporting medians
-and the ratio of the second config's images/s to the first's (higher is faster). Used to compare
-the committed embedded world with the previous one:
+and the ratio of the second config's images/s to the first's (higher is faster). For example, the
+committed 24x24 embedded model against a 32x32 one of the same design:
 
-    git archive 663973b loop_ray/assets/toy_model configs/toy.yaml | tar -x -C /tmp/old
-    python scripts/world_speed.py --base /tmp/old/configs/toy.yaml \\
-        --base-set model.path=/tmp/old/loop_ray/assets/toy_model --new configs/toy.yaml
+    loop-ray pretrain-toy --out /tmp/toy32 --image-size 32
+    python scripts/world_speed.py --base configs/toy.yaml --base-set model.path=/tmp/toy32 --new configs/toy.yaml
 """
 
 from __future__ import annotations

@@ -66,3 +66,27 @@ def logprob_atol(values: torch.Tensor, sigma_min: float, dims: int) -> float:
     return 4 * UNIT_ROUNDOFF * scale / sigma_min + math.sqrt(dims) * UNIT_ROUNDOFF * max(
         1.0, abs(math.log(sigma_min))
     )
+
+
+def directional_derivative(policy, batch, j: int, h: float) -> tuple[float, float]:
+    """(autograd d log p / d theta . v, its central finite difference (f(theta + h v) - f(theta - h v)) / 2h)
+    for the log-prob of stored step j, v a unit random direction over the trainable weights seeded by j.
+    The finite difference's O(h^2) error and its rounding (~ eps / h) set the h to use; in float64
+    both stay far below the agreement the tests ask for."""
+    params = policy.trainable_parameters()
+    gen = torch.Generator().manual_seed(j)
+    direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    norm = torch.sqrt(sum((v**2).sum() for v in direction))
+    direction = [v / norm for v in direction]
+    step = torch.tensor([j])
+    grads = torch.autograd.grad(policy.log_prob(batch, step).sum(), params)
+    autograd = sum((g * v).sum() for g, v in zip(grads, direction)).item()
+    values = []
+    with torch.no_grad():
+        for sign in (1, -1):
+            for p, v in zip(params, direction):
+                p.add_(sign * h * v)
+            values.append(policy.log_prob(batch, step).item())
+            for p, v in zip(params, direction):
+                p.sub_(sign * h * v)
+    return autograd, (values[0] - values[1]) / (2 * h)

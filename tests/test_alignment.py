@@ -139,14 +139,15 @@ def test_align_against_the_estimate_itself(toy_cfg):
     """With the direction set to the design's own summed policy gradient over the same images, the
     true estimate's cosine is 1 (up to float32 summation order), and the shuffled nulls' are not."""
     cfg, _ = toy_cfg
-    from loop_ray.diagnose import _stat_tracker, sample_scored
+    from loop_ray.algorithms import StatTracker
+    from loop_ray.diagnose import sample_scored
     from loop_ray.diffusion.factory import build_policy
     from loop_ray.prompts import load_prompts
     from loop_ray.rewards.composite import CompositeReward
 
     policy = build_policy(cfg)
     batch, _, adv = sample_scored(cfg, policy, CompositeReward.from_config(cfg.reward),
-                                  load_prompts(cfg.prompts.train), 0, _stat_tracker(cfg))
+                                  load_prompts(cfg.prompts.train), 0, StatTracker.for_algorithm(cfg.algorithm))
     steps = policy.trainable_steps_of(batch, 0, 1)
     g = per_prompt_gradients(policy, batch, 2, steps, {"true": adv.flatten()})["true"].sum(0)
     result = align(cfg, {"own": g, "minus": -g}, images=8, every=4, nulls=2, log=lambda _m: None)

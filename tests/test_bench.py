@@ -4,7 +4,7 @@ import json
 
 
 def test_bench_sampler_and_weights_smoke(tmp_path):
-    from loop_ray.bench import main
+    from loop_ray.cli.bench import main
 
     out = tmp_path / "bench"
     assert main(["--only", "sampler", "weights", "--no-sd2", "--repeats", "1", "--batch", "2", "--steps", "2",

@@ -2,11 +2,19 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from loop_ray.config import ConfigError, config_from_dict, dump_config, load_config, parse_overrides
+from loop_ray.config import (
+    ConfigError,
+    config_from_dict,
+    dump_config,
+    load_config,
+    parse_overrides,
+    read_config_data,
+)
 
 
 def _write(tmp_path, data, name="exp.yaml"):
@@ -134,3 +142,68 @@ def test_runtime_env_in_yaml_and_by_override(tmp_path):
     assert cfg.reward.terms[0].runtime_env.to_ray() == {"pip": ["x==1"], "env_vars": {"K": "v"}}
     assert cfg.reward.runtime_env.to_ray() == {"env_vars": {"HF_HOME": "/m"}}
     assert config_from_dict({}).reward.terms[0].runtime_env is None
+
+
+def test_a_config_extends_its_base_deep_merged(tmp_path):
+    (tmp_path / "sub").mkdir()
+    _write(tmp_path, {"name": "base", "seed": 3, "sampling": {"k": 3, "num_steps": 7},
+                      "reward": {"terms": [{"name": "toy_binding"}, {"name": "jpeg_compressibility", "weight": 0.5}]}},
+           "base.yaml")
+    _write(tmp_path, {"base": "../base.yaml", "name": "middle", "sampling": {"num_steps": 5}}, "sub/middle.yaml")
+    child = _write(tmp_path, {"base": "sub/middle.yaml", "name": "child", "learner": {"lr": 2e-5},
+                              "reward": {"terms": [{"name": "toy_object_area"}]}}, "child.yaml")
+    cfg = load_config(child, ["sampling.k=2"])
+    assert cfg.name == "child" and cfg.seed == 3  # the nearest file wins; the rest comes from the bases
+    assert (cfg.sampling.k, cfg.sampling.num_steps, cfg.learner.lr) == (2, 5, 2e-5)  # merged per key, --set last
+    assert [t.name for t in cfg.reward.terms] == ["toy_object_area"]  # a list is replaced, not merged
+    assert "base" not in read_config_data(child)
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def test_toy_easy_is_toy_with_its_differences():
+    easy, toy = (_flat(load_config(f"configs/{n}.yaml").model_dump(mode="json")) for n in ("toy_easy", "toy"))
+    assert yaml.safe_load(Path("configs/toy_easy.yaml").read_text())["base"] == "toy.yaml"
+    assert {k for k in easy if easy[k] != toy[k]} == {"name", "iterations", "reward.terms", "algorithm.kl_beta",
+                                                       "learner.lr"}
+    assert easy["reward.terms"][0]["name"] == "toy_object_area" and easy["algorithm.kl_beta"] == 0.0
+
+
+def test_missing_base_and_base_cycles_are_one_line_errors_naming_the_files(tmp_path):
+    missing = _write(tmp_path, {"base": "nowhere.yaml"}, "a.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_config(missing)
+    assert str(err.value) == f"{missing}: base config not found: {tmp_path / 'nowhere.yaml'}"
+    _write(tmp_path, {"base": "c.yaml", "seed": 1}, "b.yaml")
+    _write(tmp_path, {"base": "b.yaml", "seed": 2}, "c.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "b.yaml")
+    message = str(err.value)
+    assert "\n" not in message and "base configs form a cycle" in message
+    assert message.endswith(f"{tmp_path / 'b.yaml'} -> {tmp_path / 'c.yaml'} -> {tmp_path / 'b.yaml'}")
+    self_base = _write(tmp_path, {"base": "self.yaml"}, "self.yaml")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(self_base)
+    with pytest.raises(ConfigError, match="base: expected a path"):
+        load_config(_write(tmp_path, {"base": 3}, "num.yaml"))
+
+
+def test_config_show_prints_the_resolved_config_of_a_config_with_a_base(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "loop_ray.cli", "config", "show", "configs/toy_easy.yaml"],
+                         capture_output=True, text=True, check=True).stdout
+    shown = yaml.safe_load(out)
+    assert "base" not in shown and shown["name"] == "toy_easy" and shown["learner"]["lr"] == 3e-5
+    assert shown["sampling"]["group_noise"] == "shared"  # from configs/toy.yaml
+    bad = _write(tmp_path, {"base": "gone.yaml"}, "bad.yaml")
+    run = subprocess.run([sys.executable, "-m", "loop_ray.cli", "config", "show", str(bad)], capture_output=True,
+                         text=True, check=False)
+    assert run.returncode == 2
+    assert run.stderr == f"loop-ray config: {bad}: base config not found: {tmp_path / 'gone.yaml'}\n"

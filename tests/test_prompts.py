@@ -9,7 +9,11 @@ import pytest
 from loop_ray.prompts import load_prompts
 
 ASSETS = Path(__file__).resolve().parents[1] / "loop_ray" / "assets" / "prompts"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+# the upstream T2I-CompBench and DDPO files: in shared/data beside the repository (where CI's clone has
+# them), or inside it
+SHARED_CANDIDATES = (REPO.parent / "shared" / "data", REPO / "shared" / "data")
+SHARED = next((p for p in SHARED_CANDIDATES if p.is_dir()), SHARED_CANDIDATES[0])
 CATEGORIES = ("color", "shape", "texture", "spatial", "numeracy", "non_spatial", "complex", "3d_spatial")
 
 
@@ -28,7 +32,9 @@ def test_compbench_split_loads_with_its_category(category, split):
 
 def test_packaged_prompts_are_the_upstream_files_with_licences():
     if not SHARED.is_dir():
-        pytest.skip(f"the upstream data folder {SHARED} is not beside this checkout")
+        pytest.skip("the upstream T2I-CompBench and DDPO files to compare the packaged prompts with are not here: "
+                    f"looked for {' and '.join(map(str, SHARED_CANDIDATES))} (a clone beside shared/data, as CI's is, "
+                    "runs this check)")
     for name in [f"{c}_{s}.txt" for c in CATEGORIES for s in ("train", "val")] + ["LICENSE.txt"]:
         assert (ASSETS / "compbench" / name).read_bytes() == (SHARED / "t2i-compbench" / name).read_bytes(), name
     for name in ("simple_animals.txt", "activities.txt", "LICENSE.txt"):

@@ -83,7 +83,7 @@ def _references(computed: dict) -> dict[str, torch.Tensor]:
 def main(argv: list[str] | None = None) -> int:
     from loop_ray.alignment import align, format_alignment
     from loop_ray.config import load_config
-    from loop_ray.diagnose import _json_safe, diagnose, format_report
+    from loop_ray.diagnose import diagnose, format_report, json_safe
     from loop_ray.utils import output_folder, pin_threads
 
     args = _parser().parse_args(argv)
@@ -112,6 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     if args.out:
         out = Path(args.out)
-        out.write_text(json.dumps(_json_safe(result), indent=2) + "\n")
+        out.write_text(json.dumps(json_safe(result), indent=2) + "\n")
         print(f"wrote {out}")
     return 0

@@ -1,4 +1,5 @@
-"""`loop-ray <command> [args]`: each command lives in its own module with a `main(argv)`."""
+"""`loop-ray <command> [args]`: each command lives in its own module with a `main(argv)` that parses
+its arguments and calls library functions."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("loop_ray.system.run.driver", "train LOOP (or another preset) with the Ray actor-learner system"),
-    "eval": ("loop_ray.evaluation.evaluate", "mean reward per prompt category on held-out prompts, with an image grid"),
-    "sample": ("loop_ray.evaluation.evaluate", "sample images for prompts into a grid PNG (eval's sampling path)"),
-    "pretrain-toy": ("loop_ray.toy.pretrain", "pre-train the embedded world's small text-to-image model"),
+    "train": ("loop_ray.cli.train", "train LOOP (or another preset) with the Ray actor-learner system"),
+    "eval": ("loop_ray.cli.eval", "mean reward per prompt category on held-out prompts, with an image grid"),
+    "sample": ("loop_ray.cli.sample", "sample images for prompts into a grid PNG or a folder of PNGs"),
+    "pretrain-toy": ("loop_ray.cli.pretrain_toy", "pre-train the embedded world's small text-to-image model"),
     "config": ("loop_ray.cli.config", "config show CONFIG [--set key=value ...]: print the resolved config"),
-    "bench": ("loop_ray.bench", "speed and memory benchmarks as ratios against baselines"),
-    "study": ("loop_ray.study", "the paper's efficiency-effectiveness study on the embedded world"),
+    "bench": ("loop_ray.cli.bench", "speed and memory benchmarks as ratios against baselines"),
+    "study": ("loop_ray.cli.study", "the paper's efficiency-effectiveness study on the embedded world"),
     "diagnose": ("loop_ray.cli.diagnose", "policy-gradient diagnostics: consistent across prompts? aligned with guidance distillation? (vs nulls)"),
 }
 
@@ -33,9 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loop-ray: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    entry = getattr(module, "main_" + name.replace("-", "_"), None) or module.main
     try:
-        return int(entry(rest) or 0)
+        return int(module.main(rest) or 0)
     except Exception as err:
         if not isinstance(err, _user_errors()):
             raise  # a bug: the traceback says where

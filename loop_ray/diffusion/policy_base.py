@@ -39,12 +39,12 @@ from typing import Literal
 import torch
 
 from loop_ray.diffusion.gaussian import draw_noise
+from loop_ray.diffusion.kinds import GROUP_NOISE
 from loop_ray.trajectory import TrajectoryBatch
 
 _SEED_HIGH = 2**62  # seeds are drawn from [0, 2^62): they fit int64 tensors and torch.Generator
 
 GroupNoise = Literal["independent", "branch", "shared"]
-GROUP_NOISE = ("independent", "branch", "shared")
 
 
 class PolicyBase:
@@ -143,7 +143,7 @@ class PolicyBase:
         """The step indices the learner trains on: the stochastic steps (all, or `sde_steps`) less the
         first `skip_first` and the last `skip_last` of them, and less any whose sigma is 0 (the first
         step's gradient can be meaningless when abar ~ 0, the last step's tiny sigma can dominate
-        ratios; see TOY-WORLD-NOTES). With all steps stochastic the skips count schedule steps."""
+        ratios). With all steps stochastic the skips count schedule steps."""
         window = self.sde_mask(sde_steps).nonzero().flatten()
         window = window[skip_first : len(window) - skip_last]
         return window[self.sigmas[window] > 0]

@@ -1,7 +1,7 @@
 """Which parameters of the denoiser train (`model.trainable`, `model.freeze`).
 
 The policy gradient of a small model concentrates in a few output-layer directions where a step,
-true or noise, costs reward (TOY-WORLD-NOTES), while attribute binding lives in how the text
+true or noise, costs reward (docs/results.md: the gradient diagnostic on the embedded world), while attribute binding lives in how the text
 conditions the image. These options let a run train only part of the network:
 
 - `trainable: all` (the paper): every parameter; `cross_attention`: only the attention layers

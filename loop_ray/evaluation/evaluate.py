@@ -1,4 +1,5 @@
-"""`loop-ray eval` and `loop-ray sample`: held-out reward per prompt category, and image grids.
+"""Held-out reward per prompt category, and image grids: the library behind `loop-ray eval` and
+`loop-ray sample` (their command lines: loop_ray.cli.eval, loop_ray.cli.sample).
 
 Library pieces (the driver calls them too):
   evaluate_policy(policy, reward, prompt_set, images_per_prompt, seed, batch_size) -> dict
@@ -13,8 +14,8 @@ driver's evaluation.
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from loop_ray.evaluation.heldout import eval_prompt_indices, eval_seeds
+from loop_ray.evaluation.heldout import eval_prompt_indices, eval_seeds, in_turn
+
+log = logging.getLogger(__name__)
 
 
 def _score(reward, images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -175,16 +178,9 @@ def save_grid(
 
 
 def grid_rows(categories: Sequence[str], n: int) -> list[int]:
-    """Indices of up to n rows taken from the categories in turn (first rows of each first)."""
-    queues: dict[str, list[int]] = {}
-    for i, c in enumerate(categories):
-        queues.setdefault(c, []).append(i)
-    picked: list[int] = []
-    while len(picked) < min(n, len(categories)):
-        for q in queues.values():
-            if q and len(picked) < n:
-                picked.append(q.pop(0))
-    return sorted(picked)
+    """Indices of up to n grid rows taken from the categories in turn, each category's first rows
+    first (loop_ray.evaluation.heldout.in_turn)."""
+    return in_turn(categories, n)
 
 
 GRID_IMAGES = 8  # images per prompt in an evaluation grid
@@ -213,7 +209,7 @@ def save_eval_grid(
                      max_prompts=len(rows), max_images=per_row)
 
 
-# ------------------------------------------------------------------------------------------ CLI
+# ------------------------------------------------------------------- `loop-ray eval` / `sample`
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
@@ -225,8 +221,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
       any other folder: a model folder of the config's model.kind (diffusers layout), and no config.
     Raises ConfigError / CheckpointError naming the path."""
     from loop_ray.config import ConfigError
-    from loop_ray.system.run.resume import _newest_good_point
-    from loop_ray.training.checkpoint import MANIFEST, verify_checkpoint
+    from loop_ray.training.checkpoint import MANIFEST, latest_good_checkpoint, verify_checkpoint
 
     path = Path(path)
     if not path.exists():
@@ -234,10 +229,10 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     if not path.is_dir():
         raise ConfigError(f"--checkpoint {path}: not a folder (expected a checkpoint, a run or a model folder)")
     if (path / "checkpoints").is_dir():
-        point = _newest_good_point(path)
-        if point is None:
+        found = latest_good_checkpoint(path / "checkpoints")
+        if found is None:
             raise ConfigError(f"--checkpoint {path}: no usable checkpoint under {path / 'checkpoints'}")
-        folder = point.checkpoint
+        folder = found[0]
     elif (path / MANIFEST).is_file() or path.parent.name == "checkpoints":
         verify_checkpoint(path)
         folder = path
@@ -251,91 +246,94 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     return folder, folder / "config.yaml"
 
 
-def _load(args: argparse.Namespace):
-    """(cfg, policy) from --config, --set and --checkpoint (a checkpoint or run folder brings its own
-    config, and then --config may be left out). Raises ConfigError naming the bad field or path."""
+def load_policy(config: str | Path | None, overrides: Sequence[str] = (), checkpoint: str | Path | None = None,
+                device: str = "cpu"):
+    """(cfg, policy) from a config file, dotted overrides and a checkpoint (a checkpoint or run folder
+    brings its own config, and then `config` may be None). Raises ConfigError naming the bad field
+    or path."""
     from loop_ray.config import ConfigError, load_config
     from loop_ray.diffusion.factory import build_policy
     from loop_ray.diffusion.pipeline_parts import FOLDER_KIND
     from loop_ray.utils import pin_threads
 
-    folder, own_config = resolve_checkpoint(args.checkpoint) if args.checkpoint is not None else (None, None)
-    config = args.config if args.config is not None else own_config
+    folder, own_config = resolve_checkpoint(checkpoint) if checkpoint is not None else (None, None)
+    config = config if config is not None else own_config
     if config is None:
         raise ConfigError("--config is required (unless --checkpoint is a loop-ray checkpoint or run folder)")
-    cfg = load_config(config, args.set)
+    cfg = load_config(config, list(overrides))
     if folder is not None:
         kind = FOLDER_KIND.get(cfg.model.kind, cfg.model.kind)  # a tiny stack's checkpoint is a real folder
         # the saved network has any LoRA merged, and a folder takes no Hugging Face revision
         cfg.model = cfg.model.model_copy(update={"path": str(folder), "kind": kind, "revision": None, "lora_rank": 0})
     pin_threads(cfg.cluster.torch_threads)
-    return cfg, build_policy(cfg, args.device)
+    return cfg, build_policy(cfg, device)
 
 
-def _common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="experiment YAML (default: the --checkpoint run's own)")
-    p.add_argument("--checkpoint", default=None,
-                   help="a run folder (its newest good checkpoint), one of its checkpoint folders, or a model "
-                        "folder (diffusers layout) in place of model.path")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted-key config override")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def main_eval(argv: list[str] | None = None) -> int:
-    """`loop-ray eval`: per-category held-out reward table, eval.json and grid.png in --out."""
+def run_eval(cfg, policy, out: Path, progress: bool = True) -> tuple[dict, Path | None, Path]:
+    """`loop-ray eval`: the held-out reward of `policy` on the prompts and seeds every evaluation uses
+    (loop_ray.evaluation.heldout); writes OUT/eval.json and OUT/grid.png. Returns (result, grid
+    path or None, eval.json path)."""
     from loop_ray.prompts import load_prompts
     from loop_ray.rewards.composite import CompositeReward
-    from loop_ray.utils import output_folder
 
-    p = argparse.ArgumentParser(prog="loop-ray eval", description=main_eval.__doc__)
-    _common_args(p)
-    p.add_argument("--out", default=None, help="output folder (default: OUTPUT_DIR/NAME/eval)")
-    p.add_argument("--images-per-prompt", type=int, default=None, help="default: eval.images_per_prompt")
-    args = p.parse_args(argv)
-    if args.images_per_prompt is not None:
-        if args.images_per_prompt < 1:
-            p.error("--images-per-prompt must be >= 1")
-        args.set = [*args.set, f"eval.images_per_prompt={args.images_per_prompt}"]
-    cfg, policy = _load(args)
-    out = output_folder(args.out or Path(cfg.output_dir) / cfg.name / "eval")
     reward = CompositeReward.from_config(cfg.reward)
     prompt_set = load_prompts(cfg.prompts.val)
-    indices = eval_prompt_indices(cfg, prompt_set)  # the driver's choice of prompts (eval.max_prompts)
     result = evaluate_policy(
         policy, reward, prompt_set, cfg.eval.images_per_prompt, cfg.eval.seed, cfg.eval.batch_size,
-        prompt_indices=indices, progress=not args.no_progress,
+        prompt_indices=eval_prompt_indices(cfg, prompt_set), progress=progress,
     )
-    model = cfg.model.path or f"({cfg.model.kind} default)"
-    print(f"model {model}, {cfg.sampling.num_steps} steps, guidance {cfg.sampling.guidance_scale}, eta {cfg.sampling.eta}")
-    print(format_table(result))
     per_prompt = result["per_prompt"]
     grid = save_eval_grid(out / "grid.png", [r["prompt"] for r in per_prompt], [r["category"] for r in per_prompt],
                           result["rewards"], cfg.eval.grid_prompts or 8, lambda rows, n: result["images"][rows, :n])
+    model = cfg.model.path or f"({cfg.model.kind} default)"
     settings = {"model": model, "sampling": cfg.sampling.model_dump(), "reward": cfg.reward.model_dump()}
-    path = write_eval_json(result, out / "eval.json", extra={"settings": settings})
-    print(f"wrote {path} and {grid} ({result['seconds']:.0f} s)")
-    return 0
+    return result, grid, write_eval_json(result, out / "eval.json", extra={"settings": settings})
 
 
-def main_sample(argv: list[str] | None = None) -> int:
-    """`loop-ray sample`: N images for each --prompt into a grid PNG."""
-    from loop_ray.utils import output_folder
+def sample_images(cfg, policy, prompts: Sequence[str], num_images: int, seed: int) -> np.ndarray:
+    """`num_images` images per prompt, uint8 [P, N, H, W, 3], from the fixed seeds of `eval_seeds`. For
+    the embedded model, a prompt outside its grammar is sampled with a warning naming the unknown
+    words and the grammar's forms (loop_ray.toy.grammar.outside_grammar)."""
+    if cfg.model.kind == "toy":
+        from loop_ray.toy.grammar import outside_grammar
 
-    p = argparse.ArgumentParser(prog="loop-ray sample", description=main_sample.__doc__)
-    _common_args(p)
-    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for more)")
-    p.add_argument("-n", "--num-images", type=int, default=8, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="samples.png", help="grid PNG path")
-    args = p.parse_args(argv)
-    if args.num_images < 1:
-        p.error("-n must be >= 1")
-    output_folder(Path(args.out).parent)
-    cfg, policy = _load(args)
-    seeds = eval_seeds(args.seed, range(len(args.prompt)), args.num_images)
-    batch = policy.sample(args.prompt, args.num_images, seeds, batch_size=cfg.sampling.batch_size)
-    images = np.asarray(batch.images).reshape(len(args.prompt), args.num_images, *batch.images.shape[1:])
-    path = save_grid(images, args.prompt, args.out, max_prompts=len(args.prompt), max_images=args.num_images)
-    print(f"wrote {path}")
-    return 0
+        for prompt in prompts:
+            problem = outside_grammar(prompt)
+            if problem is not None:
+                log.warning("%s", problem)
+    seeds = eval_seeds(seed, range(len(prompts)), num_images)
+    batch = policy.sample(list(prompts), num_images, seeds, batch_size=cfg.sampling.batch_size)
+    return np.asarray(batch.images).reshape(len(prompts), num_images, *batch.images.shape[1:])
+
+
+def samples_target(out: str | Path) -> tuple[Path, bool]:
+    """Where `loop-ray sample --out OUT` writes: (path, is_folder). A path ending in .png is the grid's
+    file; a path without a suffix, or an existing folder, is a folder that gets one PNG per image and
+    grid.png. Anything else is a ConfigError naming it."""
+    from loop_ray.config import ConfigError
+
+    out = Path(out)
+    if out.is_dir():
+        return out, True
+    if out.suffix.lower() == ".png":
+        return out, False
+    if out.exists() or out.suffix:
+        raise ConfigError(f"--out {out}: give a .png file (the grid) or a folder (one PNG per image and grid.png)")
+    return out, True
+
+
+def write_samples(images: np.ndarray, prompts: Sequence[str], out: Path, folder: bool) -> list[Path]:
+    """The grid of `images` [P, N, H, W, 3] at `out` (folder False), or in folder `out`: grid.png and
+    one PNG per image named PPP-NNN.png (prompt index, image index). Returns the paths written."""
+    from PIL import Image
+
+    num_prompts, num_images = images.shape[:2]
+    grid_path = out / "grid.png" if folder else out
+    written = [save_grid(images, list(prompts), grid_path, max_prompts=num_prompts, max_images=num_images)]
+    if folder:
+        for i in range(num_prompts):
+            for j in range(num_images):
+                path = out / f"{i:03d}-{j:03d}.png"
+                Image.fromarray(images[i, j]).save(path)
+                written.append(path)
+    return written

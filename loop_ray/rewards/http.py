@@ -148,7 +148,7 @@ def encode_request(images: np.ndarray, prompts: Sequence[str], encoding: str) ->
 
 def decode_request(body: Mapping) -> tuple[np.ndarray, list[str]]:
     """A request body back as (uint8 images [B, H, W, 3], prompts): what a server in Python does
-    with it (used by the tests and the README's example server)."""
+    with it (used by the tests; examples/http_scorer.py does the same in a standalone file)."""
     shape = tuple(body["shape"])
     if body["encoding"] == "raw":
         images = np.frombuffer(base64.b64decode(body["images"]), np.uint8).reshape(shape)

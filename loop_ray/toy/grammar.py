@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 from dataclasses import dataclass
 
 # RGB-cube corners (no black or white): equidistant from the mid-grey background and from each other
@@ -92,6 +93,33 @@ def parse(prompt: str) -> list[SceneObject]:
             raise ValueError(f"toy prompt {prompt!r}: give both objects different positions, or neither")
         return objects
     return [_parse_object(words, prompt)]
+
+
+FORMS: tuple[str, ...] = (
+    "a COLOUR SHAPE",
+    "a COLOUR SHAPE and a COLOUR SHAPE",
+    "a COLOUR SHAPE on the SIDE and a COLOUR SHAPE on the SIDE",
+)
+
+
+def outside_grammar(prompt: str) -> str | None:
+    """None for a prompt of the grammar; otherwise one line saying why it is not (its unknown words,
+    which the toy tokenizer reads as <unk>, or the parse error) and the grammar's forms and words.
+    The embedded model was never trained on such a prompt, so its images mean little."""
+    words = re.findall(r"\w+|[^\w\s]", prompt.lower())  # the toy tokenizer's Whitespace split
+    known = set(vocabulary())
+    unknown = list(dict.fromkeys(w for w in words if w not in known))
+    if unknown:
+        reason = ("unknown word " if len(unknown) == 1 else "unknown words ") + ", ".join(repr(w) for w in unknown)
+    else:
+        try:
+            parse(prompt)
+            return None
+        except ValueError as err:
+            reason = str(err)
+    return (f"toy prompt {prompt!r} is outside the embedded world's grammar ({reason}); its forms: "
+            + "; ".join(repr(f) for f in FORMS)
+            + f" with COLOUR in {', '.join(COLOURS)}, SHAPE in {', '.join(SHAPES)}, SIDE in {', '.join(POSITIONS)}")
 
 
 def category(prompt: str) -> str:

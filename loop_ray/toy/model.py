@@ -41,7 +41,7 @@ PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 @dataclass(frozen=True)
 class ToyModelSpec:
     """Sizes of the toy model; the defaults are the committed model's (24x24 pixels, about 0.45 M UNet
-    parameters: 5x the images/s of the first 32x32, 1.7 M-parameter model, see the README)."""
+    parameters: small enough that a CPU run spends thousands of images, docs/embedded-world.md)."""
 
     image_size: int = 24
     channels: tuple[int, ...] = (16, 32, 32)

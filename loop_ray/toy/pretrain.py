@@ -1,4 +1,4 @@
-"""`loop-ray pretrain-toy`: pre-train the embedded world's text-to-image model on rendered scenes.
+"""Pre-train the embedded world's text-to-image model on rendered scenes.
 
 DDPM epsilon-prediction loss with Min-SNR-gamma weighting, w(t) = min(SNR(t), gamma) / SNR(t);
 half of each batch's timesteps uniform on [0, 1000), half uniform on [400, 850] (where the
@@ -13,7 +13,6 @@ across machines). The defaults took about 20-45 min on one thread of a shared 2-
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -43,38 +42,41 @@ PROMPT_FORMS = ("one_object", "two_object", "two_object_position")
 FOCUS_RANGE = (400, 850)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="loop-ray pretrain-toy", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=str(default_model_path()), help="output model folder (default: the committed one)")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--ema", type=float, default=0.995, help="EMA decay")
-    p.add_argument("--cfg-dropout", type=float, default=0.1, help="share of empty prompts")
-    p.add_argument("--min-snr", type=float, default=5.0, help="Min-SNR gamma")
-    p.add_argument("--one-object-share", type=float, default=0.5,
-                   help="share of one-object prompts; the two two-object forms split the rest equally")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--device", default="cpu", help="torch device to train on (data are rendered on the CPU)")
-    p.add_argument("--tiny", action="store_true", help="a tiny 16x16 model (tests)")
-    p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the spec's)")
-    p.add_argument("--channels", default=None, help="UNet block channels, comma-separated, e.g. 16,32,32")
-    p.add_argument("--norm-groups", type=int, default=None, help="GroupNorm groups (must divide every channel count)")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "threads"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"loop-ray pretrain-toy: --{name.replace('_', '-')} must be >= 1")
-    if not 0.0 <= args.ema < 1.0:
-        raise SystemExit("loop-ray pretrain-toy: --ema must be in [0, 1)")
-    if not 0.0 <= args.one_object_share <= 1.0:
-        raise SystemExit("loop-ray pretrain-toy: --one-object-share must be in [0, 1]")
-    if not 0.0 <= args.cfg_dropout < 1.0:
-        raise SystemExit("loop-ray pretrain-toy: --cfg-dropout must be in [0, 1)")
-    return args
+@dataclasses.dataclass
+class PretrainSettings:
+    """What `train` does (the `loop-ray pretrain-toy` options; defaults: the committed model's run)."""
+
+    out: str = dataclasses.field(default_factory=lambda: str(default_model_path()))
+    steps: int = 3000
+    batch_size: int = 32
+    seed: int = 0
+    lr: float = 1e-3
+    warmup: int = 100  # linear warm-up steps
+    weight_decay: float = 0.01
+    ema: float = 0.995  # EMA decay
+    cfg_dropout: float = 0.1  # share of empty prompts
+    min_snr: float = 5.0  # Min-SNR gamma
+    one_object_share: float = 0.5  # the two two-object forms split the rest equally
+    threads: int = 1  # torch threads
+    device: str = "cpu"  # torch device to train on (data are rendered on the CPU)
+    tiny: bool = False  # a tiny 16x16 model (tests)
+    image_size: int | None = None  # image side in pixels (None: the spec's)
+    channels: str | None = None  # UNet block channels, comma-separated, e.g. "16,32,32"
+    norm_groups: int | None = None  # GroupNorm groups (must divide every channel count)
+    no_progress: bool = False
+
+    def check(self) -> None:
+        """ValueError naming the first option out of range."""
+        for name in ("steps", "batch_size", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError("--ema must be in [0, 1)")
+        if not 0.0 <= self.one_object_share <= 1.0:
+            raise ValueError("--one-object-share must be in [0, 1]")
+        if not 0.0 <= self.cfg_dropout < 1.0:
+            raise ValueError("--cfg-dropout must be in [0, 1)")
+        model_spec(self)
 
 
 class PromptSampler:
@@ -133,7 +135,7 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p, 1.0 - decay)
 
 
-def model_spec(args: argparse.Namespace) -> ToyModelSpec:
+def model_spec(args: PretrainSettings) -> ToyModelSpec:
     """The model sizes: the tiny or default spec, with --image-size / --channels / --norm-groups on top."""
     spec = TINY_SPEC if args.tiny else ToyModelSpec()
     changes = {}
@@ -145,14 +147,14 @@ def model_spec(args: argparse.Namespace) -> ToyModelSpec:
         changes["norm_groups"] = args.norm_groups
     spec = dataclasses.replace(spec, **changes)
     if len(spec.channels) != len(spec.down_blocks) or any(c % spec.norm_groups for c in spec.channels):
-        raise SystemExit(
-            f"loop-ray pretrain-toy: --channels {spec.channels} needs {len(spec.down_blocks)} values, "
+        raise ValueError(
+            f"--channels {spec.channels} needs {len(spec.down_blocks)} values, "
             f"each divisible by --norm-groups {spec.norm_groups}"
         )
     return spec
 
 
-def train(args: argparse.Namespace) -> dict:
+def train(args: PretrainSettings) -> dict:
     """Run the pre-training described by `args`, save the EMA model to args.out, return its log."""
     pin_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -204,7 +206,7 @@ def train(args: argparse.Namespace) -> dict:
     comps.text_encoder = ema_text.to("cpu")
     out = save_toy_model(comps, args.out)
     log = {
-        "args": {k: v for k, v in vars(args).items() if k != "no_progress"},
+        "args": {k: v for k, v in dataclasses.asdict(args).items() if k != "no_progress"},
         "wall_seconds": round(wall, 1),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
@@ -216,21 +218,3 @@ def train(args: argparse.Namespace) -> dict:
     }
     (out / "pretrain_log.json").write_text(json.dumps(log, indent=2) + "\n")
     return log
-
-
-def main(argv: list[str] | None = None) -> int:
-    from loop_ray.utils import output_folder
-
-    args = parse_args(argv)
-    output_folder(args.out)  # fails now rather than after the training
-    log = train(args)
-    print(
-        f"saved {args.out}: {log['unet_parameters'] + log['text_encoder_parameters']:,} parameters, "
-        f"loss {log['loss_first_50']:.4f} -> {log['loss_last_50']:.4f}, "
-        f"{log['wall_seconds']:.0f} s on {log['torch_threads']} thread(s)"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

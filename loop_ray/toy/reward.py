@@ -14,7 +14,7 @@ counted once it covers at least NOISE_AREA pixels. A blank canvas scores 0; a ri
 wrong shape keeps partial credit; swapped colours or shapes between two objects lose the shape
 (and position) credit of both.
 
-`toy_object_area` is the easy reward of the embedded world (the size term of issue 14 §0): the
+`toy_object_area` is the easy reward of the embedded world: the
 share of the canvas the objects cover, sum over pixels of max over palette colours of the pixel's
 soft coverage of that colour, divided by the number of pixels. Every sample agrees on how to raise
 it (draw bigger objects), so it proves the learning machinery apart from binding.
@@ -188,7 +188,7 @@ def object_area_reward(images, prompts: Sequence[str]) -> np.ndarray:
 
 @register("toy_object_area")
 def build_toy_object_area(**kwargs):
-    """The `toy_object_area` reward (no options): the easy, prompt-independent reward of issue 14 §0."""
+    """The `toy_object_area` reward (no options): the easy, prompt-independent reward of the embedded world."""
     if kwargs:
         raise TypeError(f"reward toy_object_area takes no options, got {sorted(kwargs)}")
     return object_area_reward

@@ -20,8 +20,10 @@ import torch
 from loop_ray.algorithms import StatTracker
 from loop_ray.config import ExperimentConfig
 from loop_ray.evaluation.evaluate import evaluate_policy
+from loop_ray.evaluation.heldout import eval_prompt_indices
 from loop_ray.prompts import load_prompts
 from loop_ray.rewards.composite import CompositeReward
+from loop_ray.training.learner_metrics import learner_record
 from loop_ray.training.sample_score import sample_and_score
 from loop_ray.training.torch_engine import TorchEngine
 from loop_ray.training.update import (
@@ -49,10 +51,7 @@ class SingleProcessRun:
         self.val_set = load_prompts(cfg.prompts.val)
         num_trainable = num_trainable_steps(cfg, self.policy)
         self.engine = TorchEngine(cfg, self.policy.trainable_parameters(), grad_accum_steps(cfg, num_trainable))
-        a = cfg.algorithm
-        self.stat_tracker = (
-            StatTracker(a.stat_tracker_buffer, a.stat_tracker_min_count, a.std_eps) if a.advantage == "stat_tracker" else None
-        )
+        self.stat_tracker = StatTracker.for_algorithm(cfg.algorithm)
         self.images_seen = 0
 
     def sample_and_score(self, iteration: int):
@@ -69,25 +68,28 @@ class SingleProcessRun:
     def step(self, iteration: int) -> dict:
         t0 = time.perf_counter()
         batch, rejected = self.sample_and_score(iteration)
-        t1 = time.perf_counter()
         metrics = self.learn(batch, iteration)
-        t2 = time.perf_counter()
-        self.images_seen += len(batch) + rejected * self.cfg.sampling.k  # every image sampled
-        return {
+        t1 = time.perf_counter()
+        images = len(batch) + rejected * self.cfg.sampling.k  # every image sampled
+        self.images_seen += images
+        return {  # the Ray driver's names for the same figures (loop_ray.system.run.metrics)
+            "kind": "train",
             "iteration": iteration,
             "images_seen": self.images_seen,
-            "rejected_groups": rejected,
-            "reward_mean": float(batch.rewards.mean()),
-            "reward_std": float(batch.rewards.std()),
-            "sample_score_seconds": t1 - t0,
-            "learn_seconds": t2 - t1,
-            **{f"learner/{k}": v for k, v in metrics.items()},
+            "train/rejected_groups": rejected,
+            "train/reward_mean": float(batch.rewards.mean()),
+            "train/reward_std": float(batch.rewards.std(unbiased=False)),
+            "train/advantage_abs_mean": float(batch.advantages.abs().mean()),
+            "iteration_seconds": t1 - t0,
+            "throughput/images_per_s": images / (t1 - t0) if t1 > t0 else float("nan"),
+            **learner_record([metrics]),
         }
 
-    def evaluate(self, max_prompts: int | None = None) -> dict:
+    def evaluate(self) -> dict:
+        """The held-out reward on the prompts and seeds every evaluation path uses
+        (loop_ray.evaluation.heldout)."""
         e = self.cfg.eval
-        n = max_prompts if max_prompts is not None else e.max_prompts
-        indices = _spread(self.val_set.categories, n) if n is not None else None
+        indices = eval_prompt_indices(self.cfg, self.val_set)
         return evaluate_policy(self.policy, self.reward, self.val_set, e.images_per_prompt, e.seed, e.batch_size, indices)
 
     def run(self, log: Callable[[dict], None] | None = None, before: dict | None = None) -> dict:
@@ -106,19 +108,6 @@ class SingleProcessRun:
     def evaluate_before(self) -> dict:
         """The evaluation `run` starts with, in the form `run` returns it."""
         return _strip(self.evaluate())
-
-
-def _spread(categories: list[str], n: int) -> list[int]:
-    """The first n prompt indices taking the categories in turn (a fixed, balanced subset)."""
-    by_cat: dict[str, list[int]] = {}
-    for i, c in enumerate(categories):
-        by_cat.setdefault(c, []).append(i)
-    queues, out = [list(v) for v in by_cat.values()], []
-    while len(out) < min(n, len(categories)):
-        for q in queues:
-            if q and len(out) < n:
-                out.append(q.pop(0))
-    return sorted(out)
 
 
 def _strip(result: dict) -> dict:

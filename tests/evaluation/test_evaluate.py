@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
+from loop_ray.cli.eval import main as main_eval
 from loop_ray.cli.main import main as cli_main
+from loop_ray.cli.sample import main as main_sample
 from loop_ray.evaluation.evaluate import (
     eval_seeds,
     evaluate_policy,
     format_table,
     grid_rows,
-    main_eval,
-    main_sample,
     save_grid,
 )
 from loop_ray.prompts import load_prompts
@@ -106,6 +106,52 @@ def test_main_sample(tiny_setup, capsys):
     assert main_sample(argv) == 0
     assert Image.open(out).size[1] == 2 * 68 + 4
     assert str(out) in capsys.readouterr().out
+
+
+def test_sample_into_a_folder_writes_one_png_per_image_and_the_grid(tiny_setup, capsys):
+    """`--out DIR` (a path without a suffix, or an existing folder): PPP-NNN.png per image plus
+    grid.png; the images are the grid's cells (the same seeds)."""
+    root, config = tiny_setup
+    base = ["--config", str(config), "--checkpoint", str(root / "model"), "--prompt", "a red circle",
+            "--prompt", "a blue square", "-n", "2"]
+    out = root / "samples"
+    assert cli_main(["sample", *base, "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["000-000.png", "000-001.png", "001-000.png", "001-001.png", "grid.png"]
+    assert Image.open(out / "001-000.png").size == (TINY_SPEC.image_size, TINY_SPEC.image_size)
+    assert Image.open(out / "grid.png").size[1] == 2 * 68 + 4
+    assert str(out) in capsys.readouterr().out
+    again = root / "samples.d"  # an existing folder, whatever its name
+    again.mkdir()
+    assert cli_main(["sample", *base, "-n", "1", "--out", str(again)]) == 0
+    assert sorted(p.name for p in again.iterdir()) == ["000-000.png", "001-000.png", "grid.png"]
+    # image 0 of prompt 0 has seed 0 in both (loop_ray.evaluation.heldout.eval_seeds)
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "000-000.png")),
+                                  np.asarray(Image.open(again / "000-000.png")))
+
+
+def test_sample_warns_of_a_prompt_outside_the_toy_grammar(tiny_setup, caplog):
+    root, config = tiny_setup
+    argv = ["sample", "--config", str(config), "--checkpoint", str(root / "model"), "-n", "1", "--out",
+            str(root / "warn.png"), "--prompt", "a red circle", "--prompt", "a purple hexagon"]
+    with caplog.at_level("WARNING"):
+        assert cli_main(argv) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "'a purple hexagon'" in warnings[0] and "'purple', 'hexagon'" in warnings[0]
+    assert "'a COLOUR SHAPE and a COLOUR SHAPE'" in warnings[0]
+
+
+@pytest.mark.parametrize("name", ["grid.jpg", "notes.txt"])
+def test_sample_to_a_path_that_is_neither_png_nor_folder_is_one_line(tiny_setup, capsys, name):
+    root, config = tiny_setup
+    out = root / name
+    code = cli_main(["sample", "--config", str(config), "--checkpoint", str(root / "model"), "--prompt", "a red circle",
+                     "-n", "1", "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err == f"loop-ray sample: --out {out}: give a .png file (the grid) or a folder (one PNG per image and " \
+                  "grid.png)\n"
+    assert not out.exists()
 
 
 class ToyLearner:

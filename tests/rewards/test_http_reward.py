@@ -1,13 +1,15 @@
 """The `http` reward against real HTTP servers on 127.0.0.1 started by the tests (tests/scoring_server.py
-and the README's example server): the wire format both ways, retries that score every image exactly
+and examples/http_scorer.py): the wire format both ways, retries that score every image exactly
 once, every kind of bad answer named with the URL and the batch, the bearer token kept out of
 everything written."""
 
+import importlib.util
 import logging
 import os
 import re
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -185,20 +187,23 @@ def test_parse_scores(body, message):
             parse_scores(body, 2)
 
 
-def _readme_server_code() -> str:
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    match = re.search(r"```python\n(# reward_server\.py.*?)```", text, re.DOTALL)
-    assert match, "the README's example reward server (a python block starting '# reward_server.py')"
-    return match.group(1)
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-def test_readme_example_server_scores_what_the_http_reward_sends(monkeypatch):
-    """The README's example server, run as written, answers the http reward (PNG and raw, with a token)."""
-    env = {**os.environ, "PORT": "0", "SCORER_TOKEN": TOKEN}
-    proc = subprocess.Popen([sys.executable, "-c", _readme_server_code()], env=env, stdout=subprocess.PIPE, text=True)
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_scorer_answers_the_http_reward_png_raw_and_token(monkeypatch):
+    """examples/http_scorer.py, imported, serves what the http reward sends (PNG and raw, with a token)."""
+    server = _load_example("http_scorer").make_server("127.0.0.1", 0, TOKEN)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
     try:
-        url = re.search(r"http://\S+", proc.stdout.readline()).group(0)
-        assert url.startswith("http://127.0.0.1:")
+        url = f"http://127.0.0.1:{server.server_address[1]}/score"
         monkeypatch.setenv("LOOP_TEST_SCORER_TOKEN", TOKEN)
         images = _images(5)
         for encoding in ("png", "raw"):
@@ -208,5 +213,35 @@ def test_readme_example_server_scores_what_the_http_reward_sends(monkeypatch):
         with pytest.raises(HttpRewardError, match="HTTP 401"):
             build_reward("http", url=url, retries=0)(images, PROMPTS[:5])
     finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=30)
+
+
+def test_example_scorer_runs_as_a_script():
+    """`PORT=0 python examples/http_scorer.py` prints its URL and answers an unauthenticated request."""
+    env = {**os.environ, "PORT": "0"}
+    env.pop("SCORER_TOKEN", None)
+    proc = subprocess.Popen([sys.executable, str(EXAMPLES / "http_scorer.py")], env=env, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        url = re.search(r"http://\S+", proc.stdout.readline()).group(0)
+        assert url.startswith("http://127.0.0.1:")
+        images = _images(3)
+        np.testing.assert_allclose(build_reward("http", url=url, retries=0)(images, PROMPTS[:3]), mean_pixel(images),
+                                   rtol=1e-6)
+    finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_example_custom_reward_builds_by_import_path(monkeypatch):
+    """examples/custom_reward.py as a config names it: `custom_reward:RedShare` with kwargs."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    reward = build_reward("custom_reward:RedShare", min_red=200)
+    images = np.zeros((2, 4, 4, 3), np.uint8)
+    images[0, :2] = (250, 10, 10)  # half the first image is red enough
+    images[1] = (180, 10, 10)  # red, but below min_red
+    np.testing.assert_array_equal(reward(images, ["a", "b"]), np.array([0.5, 0.0], np.float32))
+    with pytest.raises(ValueError, match="min_red"):
+        build_reward("custom_reward:RedShare", min_red=300)

@@ -8,8 +8,9 @@ import time
 import pytest
 import yaml
 
+from loop_ray.cli.train import main
 from loop_ray.config import ConfigError, load_config
-from loop_ray.system.run.driver import main, train
+from loop_ray.system.run.driver import train
 
 pytestmark = pytest.mark.slow
 

@@ -15,10 +15,10 @@ import pytest
 import ray
 from scoring_server import ScoringServer, mean_pixel
 
+from loop_ray.cli.train import main
 from loop_ray.config import ConfigError, load_config
 from loop_ray.rewards import build_reward
 from loop_ray.system.launch.launch import start_reward_pool, wait_for_reward_actors
-from loop_ray.system.run.driver import main
 from loop_ray.system.run.validate import validate_inputs
 
 pytestmark = pytest.mark.slow

@@ -179,7 +179,8 @@ def test_bad_wandb_settings_name_the_key(tmp_path):
 def test_training_and_resume_log_to_one_wandb_run(ray_session, offline_wandb, tmp_path):
     """`loop-ray train` then `--resume`: one W&B run id, the train and eval scalars of every
     iteration as in metrics.jsonl and TensorBoard, an image grid per evaluation."""
-    from loop_ray.system.run.driver import main, train
+    from loop_ray.cli.train import main
+    from loop_ray.system.run.driver import train
 
     first = train(_cfg(tmp_path, iterations=2, **{"eval.max_prompts": 1, "eval.images_per_prompt": 1}))
     assert main(["--resume", str(first.run_dir), "--iterations", "3"]) == 0

@@ -12,6 +12,7 @@ from loop_ray.toy.grammar import (
     all_prompts,
     category,
     format_prompt,
+    outside_grammar,
     parse,
     prompt_split,
 )
@@ -91,3 +92,21 @@ def test_one_category_of_a_split():
     assert not set(two.prompts) & set(load_prompts("toy:val").prompts)
     with pytest.raises(ValueError, match="unknown toy category 'three_object' in prompt source 'toy:train:three_object'"):
         load_prompts("toy:train:three_object")
+
+
+@pytest.mark.parametrize("prompt, reason", [
+    ("a purple hexagon", "unknown words 'purple', 'hexagon'"),
+    ("a red circle left of a blue square", "unknown word 'of'"),
+    ("a red circle and a red square", "different colours"),
+    ("red circle", "expected 'a COLOUR SHAPE [on the SIDE]'"),
+])
+def test_a_prompt_outside_the_grammar_is_named_with_the_grammar_forms(prompt, reason):
+    message = outside_grammar(prompt)
+    assert message.startswith(f"toy prompt {prompt!r} is outside the embedded world's grammar (")
+    assert reason in message and "\n" not in message
+    assert "'a COLOUR SHAPE on the SIDE and a COLOUR SHAPE on the SIDE'" in message and "SIDE in left, right" in message
+
+
+def test_every_grammar_prompt_is_inside_it():
+    assert all(outside_grammar(p) is None for p in all_prompts())
+    assert outside_grammar("A Red Circle") is None  # the tokenizer lowercases

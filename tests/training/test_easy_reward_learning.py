@@ -1,4 +1,4 @@
-"""The machinery learns (issue 14 §0): configs/toy_easy.yaml, shortened, raises the held-out
+"""The machinery learns: configs/toy_easy.yaml, shortened, raises the held-out
 `toy_object_area` reward of the embedded world well beyond the same run with its advantages
 shuffled across samples (`algorithm.control: shuffle`, the null)."""
 
@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from loop_ray.config import config_from_dict
+from loop_ray.config import config_from_dict, read_config_data
 from loop_ray.toy.grammar import COLOURS
 from loop_ray.toy.render import BACKGROUND
 from loop_ray.toy.reward import object_area_reward
@@ -28,10 +27,10 @@ SHORT = {
 
 
 def _gain(control: str) -> tuple[float, list[float]]:
-    data = yaml.safe_load(Path("configs/toy_easy.yaml").read_text())
+    data = read_config_data("configs/toy_easy.yaml")
     cfg = config_from_dict(data, "configs/toy_easy.yaml", {**SHORT, "algorithm.control": control})
     result = SingleProcessRun(cfg).run()
-    return result["after"]["mean"] - result["before"]["mean"], [h["reward_mean"] for h in result["history"]]
+    return result["after"]["mean"] - result["before"]["mean"], [h["train/reward_mean"] for h in result["history"]]
 
 
 def test_object_area_reward_is_the_covered_share_of_the_canvas():

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from loop_ray.config import config_from_dict
+from loop_ray.config import config_from_dict, read_config_data
 from loop_ray.training.torch_engine import TorchEngine
 
 torch.set_num_threads(1)
@@ -40,7 +40,7 @@ def test_torch_engine_clips_the_global_norm():
 
 
 def test_study_quick_runs_methods_and_writes_reports(tmp_path):
-    from loop_ray.study import main
+    from loop_ray.cli.study import main
 
     out = tmp_path / "study"
     assert main(["--quick", "--config", "configs/debug.yaml", "--out", str(out),
@@ -66,13 +66,9 @@ def test_study_quick_runs_methods_and_writes_reports(tmp_path):
 def test_default_study_config_resolves_for_every_method():
     """`loop-ray study` with no --config reads configs/study.yaml; every method must resolve on it
     with the same image budget."""
-    from pathlib import Path
-
-    import yaml
-
     from loop_ray.study import METHODS, method_overrides
 
-    data = yaml.safe_load(Path("configs/study.yaml").read_text())
+    data = read_config_data("configs/study.yaml")
     for label in METHODS:
         cfg = config_from_dict(data, "configs/study.yaml", method_overrides(label, 96))
         assert cfg.sampling.k * cfg.sampling.prompts_per_iteration == 96

@@ -53,8 +53,7 @@ import math
 import torch
 
 from loop_ray.diffusion.gaussian import gaussian_transition
-
-SDE_KINDS = ("sde", "cps")
+from loop_ray.diffusion.kinds import SDE_KINDS
 
 
 def _rows(value, batch: int) -> torch.Tensor:

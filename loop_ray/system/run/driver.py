@@ -1,4 +1,4 @@
-"""`loop-ray train --config CONFIG [--set key=value ...] [--address ADDR] [--iterations N]`
+"""The Ray run's driver (`loop-ray train`, whose command line is loop_ray.cli.train).
 
 The driver orders one iteration after another: plan prompts and seeds, fan them out to the
 samplers, chain their images to the reward actors, fill the buffer, run the learner group on the
@@ -13,7 +13,6 @@ the importance ratio correct).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import ray
 
 from loop_ray.algorithms import StatTracker
-from loop_ray.config import ConfigError, ExperimentConfig, load_config
+from loop_ray.config import ExperimentConfig, load_config
 from loop_ray.prompts import PromptSet
 from loop_ray.rewards.checks import InvalidRewardsError, describe_problems
 from loop_ray.system.launch import cluster
@@ -34,16 +33,14 @@ from loop_ray.system.run.evaluation import EvalResult, comparison_table, evaluat
 from loop_ray.system.run.metrics import iteration_record
 from loop_ray.system.run.resume import (
     ResumePoint,
-    auto_resume_point,
     capture_rng,
     check_resumable,
     restore_rng,
-    resume_point,
 )
 from loop_ray.system.run.rollout import collect, dispatch
 from loop_ray.system.run.run_dir import RunDir
 from loop_ray.system.run.validate import validate_inputs
-from loop_ray.training.checkpoint import CheckpointError, save_checkpoint
+from loop_ray.training.checkpoint import save_checkpoint
 from loop_ray.training.plan import plan_eval, plan_iteration
 from loop_ray.utils import pin_threads
 
@@ -63,12 +60,9 @@ class Trainer:
         self.cfg, self.system, self.run = cfg, system, run
         self.train_set, self.val_set = train_set, val_set
         self.eval_plan = plan_eval(cfg, val_set)
-        tracker = None
-        if cfg.algorithm.advantage == "stat_tracker":
-            a = cfg.algorithm
-            tracker = StatTracker(a.stat_tracker_buffer, a.stat_tracker_min_count, a.std_eps)
         self.buffer = TrajectoryBuffer(
-            cfg.sampling.k, cfg.algorithm.advantage, cfg.algorithm.std_eps, tracker, cfg.algorithm.control, cfg.seed
+            cfg.sampling.k, cfg.algorithm.advantage, cfg.algorithm.std_eps, StatTracker.for_algorithm(cfg.algorithm),
+            cfg.algorithm.control, cfg.seed,
         )
         self.version, self.weights, self.images_seen = 0, None, 0
         self.records: list[dict] = []
@@ -248,44 +242,3 @@ def train(cfg: ExperimentConfig, address: str | None = None, resume: ResumePoint
             system.shutdown()
         if started_ray:
             ray.shutdown()
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="loop-ray train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=None, help="experiment YAML (e.g. configs/toy.yaml); with --resume RUN_DIR "
-                   "the run's own config.yaml is used")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted-key override")
-    p.add_argument("--address", default=None, help="Ray cluster address (else cluster.address / RAY_ADDRESS / local)")
-    p.add_argument("--iterations", type=int, default=None, help="override the config's iterations")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR|auto",
-                   help="continue a run from its newest good checkpoint; `auto`: the newest run of the config's "
-                        "name under its output_dir, or a fresh run when there is none")
-    args = p.parse_args(argv)
-    if args.config is None and (args.resume is None or args.resume == "auto"):
-        p.error("--config is required (except with --resume RUN_DIR)")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    overrides = list(args.set) + ([f"iterations={args.iterations}"] if args.iterations is not None else [])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        point = None
-        if args.resume not in (None, "auto"):
-            point = resume_point(args.resume)
-        config_path = args.config if args.config is not None else point.run_dir / "config.yaml"
-        cfg = load_config(config_path, overrides)
-        if args.resume == "auto":
-            point = auto_resume_point(cfg)
-            if point is None:
-                log.info("--resume auto: no run of %r with a usable checkpoint under %s; starting a new run",
-                         cfg.name, cfg.output_dir)
-        train(cfg, address=args.address, resume=point)
-    except (ConfigError, CheckpointError) as err:
-        print(f"loop-ray train: {err}", file=sys.stderr)
-        return 2
-    except InvalidRewardsError as err:
-        print(f"loop-ray train: {err}", file=sys.stderr)
-        return 1
-    return 0

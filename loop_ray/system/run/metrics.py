@@ -16,8 +16,7 @@ import numpy as np
 from loop_ray.system.roles.buffer import LearnBatch
 from loop_ray.system.roles.weights import PublishedWeights
 from loop_ray.system.run.rollout import RolloutResult
-
-_MEAN_KEYS = ("loss", "clip_fraction", "approx_kl", "kl_ref", "ratio_mean", "grad_norm", "last_clip_fraction")
+from loop_ray.training.learner_metrics import learner_record
 
 
 def scalars(record: dict) -> dict[str, float]:
@@ -84,17 +83,7 @@ def iteration_record(
     rec["work/sampler_images"] = sampler_work
     rec["work/reward_images"] = reward_work
     if learner:
-        for key in _MEAN_KEYS:
-            values = [m[key] for m in learner if key in m]  # kl_ref only with algorithm.kl_beta > 0
-            if values:
-                rec[f"learner/{key}"] = float(np.nanmean(values))
-        rec["learner/ratio_min"] = min(m["ratio_min"] for m in learner)
-        rec["learner/ratio_max"] = max(m["ratio_max"] for m in learner)
-        rec["learner/grad_norm_max"] = max(m["grad_norm_max"] for m in learner)
-        rec["learner/first_ratio_max_abs_dev"] = max(m["first_ratio_max_abs_dev"] for m in learner)
-        rec["learner/optimizer_steps"] = learner[0]["optimizer_steps"]
-        rec["learner/micro_steps"] = learner[0]["micro_steps"]  # minibatches x sampled steps, per worker
-        rec["learner/seconds"] = max(m["seconds"] for m in learner)
+        rec.update(learner_record(learner))
         learner_work, rec["throughput/learner_images_per_s"] = _per_actor(learner, "samples")
         rec["work/learner_samples"] = learner_work
     rec.update(idle_fractions(rollout.sampler_stats, learner, seconds))

@@ -55,7 +55,7 @@ def _run_folder(path: Path) -> Path:
     raise ConfigError(f"--resume {path}: not a loop-ray run folder (no checkpoints/ in it)")
 
 
-def _newest_good_point(run: Path) -> ResumePoint | None:
+def newest_good_point(run: Path) -> ResumePoint | None:
     """The newest checkpoint of run folder `run` that verifies, or None (none there, or none good)."""
     found = latest_good_checkpoint(run / "checkpoints")
     return None if found is None else ResumePoint(run, *found)
@@ -64,7 +64,7 @@ def _newest_good_point(run: Path) -> ResumePoint | None:
 def resume_point(run_dir: str | Path) -> ResumePoint:
     """The newest good checkpoint of a run folder; a clear error when it has none."""
     folder = _run_folder(Path(run_dir))
-    point = _newest_good_point(folder)
+    point = newest_good_point(folder)
     if point is None:
         raise ConfigError(f"--resume {folder}: no usable checkpoint under {folder / 'checkpoints'}")
     return point
@@ -73,7 +73,7 @@ def resume_point(run_dir: str | Path) -> ResumePoint:
 def auto_resume_point(cfg: ExperimentConfig) -> ResumePoint | None:
     """The newest run of `cfg.name` under `cfg.output_dir` with a good checkpoint, or None."""
     runs = sorted(Path(cfg.output_dir).glob(f"{cfg.name}-*"), key=lambda p: p.stat().st_mtime, reverse=True)
-    return next((point for point in map(_newest_good_point, runs) if point is not None), None)
+    return next((point for point in map(newest_good_point, runs) if point is not None), None)
 
 
 def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
