@@ -150,6 +150,38 @@ def compute_advantages(
     raise ValueError(f"unknown advantage estimator {estimator!r}; choose from {ESTIMATORS}")
 
 
+STEP_WEIGHTS = ("none", "sigma", "output")
+
+
+def step_loss_weights(sigmas: torch.Tensor, gains: torch.Tensor, trained: torch.Tensor, mode: str) -> torch.Tensor:
+    """Per-step loss weights w_j [T] (float32) that scale each trained step's term of the loss.
+
+    With z ~ N(0, I) the step's noise, D the latent size, sigma_j the step's std and g_j = d mu_j /
+    d(network output) (PolicyBase.mean_gain), the gradient of the mean-over-dims log-prob of step j
+    with respect to the network output is
+
+        d log p_j / d out = (x_{j+1} - mu_j) g_j / (sigma_j^2 D) = z g_j / (sigma_j D),
+
+    so steps with a small sigma_j dominate the paper's unweighted sum with noise. `none`: w_j = 1
+    (the paper). `sigma`: w_j proportional to sigma_j, which removes the 1/sigma_j. `output`: w_j
+    proportional to sigma_j / |g_j|, so every step's term is z sign(g_j) / D in the network's output
+    space. Normalised so that the largest weight over the `trained` step indices is 1 (a trained
+    step with sigma_j = 0 or g_j = 0 gets 0)."""
+    if mode not in STEP_WEIGHTS:
+        raise ValueError(f"step weight {mode!r}: expected one of {STEP_WEIGHTS}")
+    sigmas, gains = sigmas.to(torch.float64), gains.to(torch.float64)
+    if mode == "none":
+        w = torch.ones_like(sigmas)
+    elif mode == "sigma":
+        w = sigmas.clone()
+    else:
+        w = torch.where(gains.abs() > 0, sigmas / gains.abs().clamp_min(1e-300), torch.zeros_like(sigmas))
+    top = w[torch.as_tensor(trained, dtype=torch.long)].max()
+    if not top > 0:
+        raise ValueError(f"step weight {mode!r}: every trained step has weight 0")
+    return (w / top).to(torch.float32)
+
+
 CONTROLS = ("none", "shuffle")
 
 

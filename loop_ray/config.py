@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from loop_ray.algorithms import CONTROLS, ESTIMATORS, PRESETS
+from loop_ray.algorithms import CONTROLS, ESTIMATORS, PRESETS, STEP_WEIGHTS
 from loop_ray.diffusion.kinds import (
     FLOW_MODEL_KINDS,
     GROUP_NOISE,
@@ -51,7 +51,8 @@ class ModelConfig(_Section):
     lora_rank: int = Field(0, ge=0)  # 0 = train the full UNet; >0 = peft LoRA adapters of this rank
     lora_alpha: float | None = None  # None = lora_rank
     sample_dtype: Literal[DTYPES] = "fp32"  # autocast dtype while sampling
-    # which parameters train (loop_ray.diffusion.trainable): all, or only the text cross-attention;
+    # which parameters train (loop_ray.diffusion.trainable): all, only the text cross-attention, or
+    # only a per-channel gain on each cross-attention output (condition_gain);
     # `freeze` lists parameter-name prefixes frozen on top (e.g. [conv_out, conv_norm_out])
     trainable: Literal[TRAINABLE] = "all"
     freeze: list[str] = Field(default_factory=list)
@@ -161,6 +162,12 @@ class AlgorithmConfig(_Section):
     # added to the loss of every trained step: beta * KL(p_ref(x_{t-1}|x_t,c) || p_theta(.|x_t,c)),
     # averaged over latent dims like the log-probs (DPOK, Flow-GRPO). 0 = none (the paper's LOOP).
     kl_beta: float = Field(0.0, ge=0.0)
+    # Per-step loss weight (loop_ray.algorithms.step_loss_weights): none (the paper), sigma (the
+    # step's std: cancels the 1/sigma of the log-prob gradient), output (sigma / |d mu / d output|)
+    step_weight: Literal[STEP_WEIGHTS] = "none"
+
+
+OPTIMIZERS = ("adamw", "sgd")  # loop_ray.training.deepspeed_engine.build_optimizer
 
 
 class LearnerConfig(_Section):
@@ -168,6 +175,10 @@ class LearnerConfig(_Section):
     num_cpus_per_worker: float = Field(1.0, ge=0.0)
     num_gpus_per_worker: float = Field(0.0, ge=0.0)
     resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources (node-type placement)
+    # adamw (the paper) or sgd (plain SGD with momentum `sgd_momentum`: the update is the summed
+    # gradient, the direction `loop-ray diagnose --align` measures, where Adam rescales each weight)
+    optimizer: Literal[OPTIMIZERS] = "adamw"
+    sgd_momentum: float = Field(0.0, ge=0.0, lt=1.0)
     lr: float = Field(1e-5, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     adam_betas: tuple[float, float] = (0.9, 0.999)

@@ -30,12 +30,8 @@ of the learner's `timestep_fraction` subsample does.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -144,45 +140,30 @@ def summarize(g: torch.Tensor, splits: int, generator: torch.Generator) -> dict:
 # ------------------------------------------------------------------------------- the gradients
 
 
-def _flat_grad(value: torch.Tensor, params: list[torch.nn.Parameter], retain: bool) -> torch.Tensor:
+def flat_grad(value: torch.Tensor, params: list[torch.nn.Parameter], retain: bool) -> torch.Tensor:
     grads = torch.autograd.grad(value, params, retain_graph=retain, allow_unused=True)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).detach().flatten().float().cpu()
                       for g, p in zip(grads, params)])
 
 
-def sample_scored(cfg, policy, reward, prompt_set, iteration: int):
-    """(batch, rewards [G, K], advantages [G, K]) of `iteration`'s plan, the way training samples and
-    scores it; groups with an invalid reward are left out (ValueError when all are)."""
-    from loop_ray.algorithms import StatTracker, compute_advantages
-    from loop_ray.training.plan import plan_iteration
+def sample_scored(cfg, policy, reward, prompt_set, iteration: int, stat_tracker=None):
+    """(batch, rewards [G, K], advantages [G, K]) of `iteration`'s plan, sampled and scored as
+    training does it (loop_ray.training.sample_score, without the config's control: both sides are
+    computed here), the advantages clamped to +-adv_clip_max as the learner clamps them; groups with
+    an invalid reward are left out."""
+    from loop_ray.training.sample_score import sample_and_score
 
     k, a = cfg.sampling.k, cfg.algorithm
-    plan = plan_iteration(cfg, prompt_set, iteration)
-    batch = policy.sample(
-        plan.prompts, k, plan.seeds, prompt_ids=plan.prompt_ids, group_ids=plan.group_ids,
-        batch_size=cfg.sampling.batch_size, version=iteration, sde_steps=plan.sde_steps,
-        group_noise=cfg.sampling.group_noise,
-    )
-    scores = reward.score_checked(batch.images, batch.prompts)
-    rewards = torch.as_tensor(scores.total, dtype=torch.float32).view(-1, k)
-    valid = torch.isfinite(rewards).all(dim=1)
-    if not valid.any():
-        raise ValueError(f"every group's reward was invalid: {scores.problems}")
-    if not valid.all():
-        batch = batch.select(valid.repeat_interleave(k).nonzero().flatten())
-    tracker = StatTracker(a.stat_tracker_buffer, a.stat_tracker_min_count, a.std_eps)
-    advantages = compute_advantages(
-        rewards[valid], a.advantage, std_eps=a.std_eps, stat_tracker=tracker,
-        prompts=[p for p, ok in zip(plan.prompts, valid.tolist()) if ok],
-    ).clamp(-a.adv_clip_max, a.adv_clip_max)
-    return batch, rewards[valid], advantages
+    batch, _ = sample_and_score(cfg, policy, reward, prompt_set, iteration, stat_tracker, control="none")
+    return batch, batch.rewards.view(-1, k), batch.advantages.view(-1, k).clamp(-a.adv_clip_max, a.adv_clip_max)
 
 
 def per_prompt_gradients(policy, batch, k: int, steps: torch.Tensor, weightings: dict[str, torch.Tensor],
-                         on_step=None):
+                         on_step=None, step_weights: torch.Tensor | None = None):
     """Step-major: for each trained step column c (steps [B, n]), the per-prompt gradients
     g_{p,c} = grad sum_{i in p} w_i log p(step c of i) for each weighting w [B]; `on_step(c, {name:
-    [P, D]})` sees them, and the per-prompt totals {name: [P, D]} (summed over steps) are returned."""
+    [P, D]})` sees them, and the per-prompt totals {name: [P, D]} (summed over steps) are returned.
+    `step_weights` [T] (the config's `algorithm.step_weight`) scales each step's log-prob."""
     params = policy.trainable_parameters()
     dim = sum(p.numel() for p in params)
     groups = len(batch) // k
@@ -192,10 +173,12 @@ def per_prompt_gradients(policy, batch, k: int, steps: torch.Tensor, weightings:
         for p in range(groups):
             rows = torch.arange(p * k, (p + 1) * k)
             logp = policy.log_prob(batch.select(rows), steps[rows, c])
+            if step_weights is not None:
+                logp = logp * step_weights[steps[rows, c]].to(logp.device, logp.dtype)
             names = list(weightings)
             for i, name in enumerate(names):
                 w = weightings[name][rows].to(logp.device, logp.dtype)
-                current[name][p] = _flat_grad((w * logp).sum(), params, retain=i < len(names) - 1)
+                current[name][p] = flat_grad((w * logp).sum(), params, retain=i < len(names) - 1)
         for name in weightings:
             totals[name] += current[name]
         if on_step is not None:
@@ -209,7 +192,7 @@ def per_prompt_gradients(policy, batch, k: int, steps: torch.Tensor, weightings:
 def diagnose(cfg, *, prompts: int | None = None, splits: int = 200, iteration: int = 0, device: str = "cpu",
              log=print) -> dict:
     """The whole diagnostic of one config (module docstring); returns the JSON-ready record."""
-    from loop_ray.algorithms import apply_control, control_seed
+    from loop_ray.algorithms import StatTracker, apply_control, control_seed
     from loop_ray.diffusion.factory import build_policy
     from loop_ray.prompts import load_prompts
     from loop_ray.rewards.composite import CompositeReward
@@ -221,7 +204,8 @@ def diagnose(cfg, *, prompts: int | None = None, splits: int = 200, iteration: i
     k = cfg.sampling.k
     policy = build_policy(cfg, device)
     reward = CompositeReward.from_config(cfg.reward)
-    batch, rewards, advantages = sample_scored(cfg, policy, reward, load_prompts(cfg.prompts.train), iteration)
+    batch, rewards, advantages = sample_scored(cfg, policy, reward, load_prompts(cfg.prompts.train), iteration,
+                                               StatTracker.for_algorithm(cfg.algorithm))
     num_prompts = rewards.shape[0]
     if num_prompts < 3:
         raise ValueError(f"{num_prompts} prompts with a valid reward: the diagnostic needs at least 3")
@@ -250,7 +234,10 @@ def diagnose(cfg, *, prompts: int | None = None, splits: int = 200, iteration: i
         log(f"  step {j}: rho {row['true']['rho']:+.4f} (null {row['shuffled']['rho']:+.4f}), "
             f"{time.perf_counter() - t1:.0f} s")
 
-    totals = per_prompt_gradients(policy, batch, k, steps, weightings, on_step)
+    from loop_ray.training.update import policy_step_weights
+
+    totals = per_prompt_gradients(policy, batch, k, steps, weightings, on_step,
+                                  policy_step_weights(policy, steps, a.step_weight))
     t2 = time.perf_counter()
     splits_gen = torch.Generator().manual_seed(control_seed(cfg.seed, iteration) + 1)
     total = {}
@@ -317,47 +304,11 @@ def format_report(result: dict, name: str = "") -> str:
     return "\n".join(lines)
 
 
-def _json_safe(x):
+def json_safe(x):
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
+        return [json_safe(v) for v in x]
     return x
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`loop-ray diagnose`: is a config's policy-gradient direction consistent across prompts?"""
-    from loop_ray.config import load_config
-    from loop_ray.utils import output_folder, pin_threads
-
-    p = argparse.ArgumentParser(prog="loop-ray diagnose", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="experiment YAML")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted-key config override")
-    p.add_argument("--prompts", type=int, default=None, help="prompts (default: sampling.prompts_per_iteration)")
-    p.add_argument("--splits", type=int, default=200, help="random halvings for the split-half cosine")
-    p.add_argument("--iterations-of-window", type=int, default=0, metavar="I",
-                   help="use iteration I's plan: its prompts, seeds and (random/sliding) window (default 0)")
-    p.add_argument("--out", default=None, help="write the figures as JSON here")
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
-    if args.prompts is not None and args.prompts < 3:
-        raise SystemExit("loop-ray diagnose: --prompts must be >= 3")
-    if args.splits < 1 or args.iterations_of_window < 0:
-        raise SystemExit("loop-ray diagnose: --splits must be >= 1 and --iterations-of-window >= 0")
-    cfg = load_config(args.config, args.set)  # a ConfigError: one line from loop_ray.cli, status 2
-    if args.out:
-        output_folder(Path(args.out).parent)
-    pin_threads(cfg.cluster.torch_threads)
-    result = diagnose(cfg, prompts=args.prompts, splits=args.splits, iteration=args.iterations_of_window,
-                      device=args.device, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    result["settings"]["config"] = str(args.config)
-    result["settings"]["overrides"] = list(args.set)
-    print(format_report(result, f"of {args.config}" + (f" {' '.join(args.set)}" if args.set else "")))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(_json_safe(result), indent=2) + "\n")
-        print(f"wrote {out}")
-    return 0

@@ -14,7 +14,7 @@ COMMANDS = {
     "config": ("loop_ray.cli.config", "config show CONFIG [--set key=value ...]: print the resolved config"),
     "bench": ("loop_ray.cli.bench", "speed and memory benchmarks as ratios against baselines"),
     "study": ("loop_ray.cli.study", "the paper's efficiency-effectiveness study on the embedded world"),
-    "diagnose": ("loop_ray.diagnose", "is a config's policy-gradient direction consistent across prompts? (vs a null)"),
+    "diagnose": ("loop_ray.cli.diagnose", "policy-gradient diagnostics: consistent across prompts? aligned with guidance distillation? (vs nulls)"),
 }
 
 

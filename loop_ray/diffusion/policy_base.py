@@ -107,6 +107,25 @@ class PolicyBase:
         """The network itself, also when `self.unet` is a wrapper (DeepSpeed engine, DDP) with `.module`."""
         return getattr(self.unet, "module", self.unet)
 
+    def model_output(self, x: torch.Tensor, step_indices: torch.Tensor, conditioning: dict[str, torch.Tensor]):
+        """The (guided, with this policy's guidance scale) network output at x [B, ...] for step
+        indices [B] and conditioning tensors keyed as `TrajectoryBatch.conditioning()` gives them."""
+        return self._model_output(x, torch.as_tensor(step_indices, dtype=torch.long), conditioning)
+
+    @torch.no_grad()
+    def mean_gain(self, step_indices) -> torch.Tensor:
+        """g_j = d mu_j / d (network output) of each step j [n] (float64): the transition mean is
+        affine in the network output (DDIM eq. 12 for epsilon- and v-prediction without x_0
+        clipping; the flow SDE and CPS steps), so g_j = mu_j(x = 0, output = 1) - mu_j(x = 0,
+        output = 0), read off the policy's own transition with zero noise."""
+        steps = torch.as_tensor(step_indices, dtype=torch.long).reshape(-1)
+        shape = (len(steps), 1)
+        zeros = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        ones = torch.ones(shape, dtype=torch.float64, device=self.device)
+        mu_1, _ = self._transition(steps, ones, zeros, self.eta, noise=zeros)
+        mu_0, _ = self._transition(steps, zeros, zeros, self.eta, noise=zeros)
+        return (mu_1 - mu_0).reshape(-1).cpu()
+
     # ------------------------------------------------------------------------------ step sets
     def sde_mask(self, sde_steps: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
         """[T] bool: the stochastic steps, all of them for None; an index outside 0..T-1 is an error."""

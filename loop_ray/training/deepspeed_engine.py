@@ -39,6 +39,16 @@ def deepspeed_config(cfg: ExperimentConfig, grad_accum_steps: int) -> dict:
     return config
 
 
+def build_optimizer(cfg: ExperimentConfig, params) -> torch.optim.Optimizer:
+    """`learner.optimizer`: torch's AdamW (the paper's), or SGD with `learner.sgd_momentum`; both with
+    `learner.lr` and `learner.weight_decay`."""
+    lrn = cfg.learner
+    if lrn.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lrn.lr, momentum=lrn.sgd_momentum, weight_decay=lrn.weight_decay)
+    return torch.optim.AdamW(params, lr=lrn.lr, betas=tuple(lrn.adam_betas), eps=lrn.adam_eps,
+                             weight_decay=lrn.weight_decay)
+
+
 def build_engine(cfg: ExperimentConfig, policy, grad_accum_steps: int):
     """Wrap the policy's UNet in a DeepSpeed engine (in place: `policy.unet` becomes the engine).
     torch.distributed must already be initialised."""
@@ -46,11 +56,8 @@ def build_engine(cfg: ExperimentConfig, policy, grad_accum_steps: int):
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
-    lrn = cfg.learner
     params = policy.trainable_parameters()
-    optimizer = torch.optim.AdamW(
-        params, lr=lrn.lr, betas=tuple(lrn.adam_betas), eps=lrn.adam_eps, weight_decay=lrn.weight_decay
-    )
+    optimizer = build_optimizer(cfg, params)
     engine, _, _, _ = deepspeed.initialize(
         model=policy.unet,
         optimizer=optimizer,

@@ -10,7 +10,6 @@ whose groups were all rejected stops the run with InvalidRewardsError.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,15 +17,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from loop_ray.algorithms import StatTracker, apply_control, compute_advantages, control_seed
+from loop_ray.algorithms import StatTracker
 from loop_ray.config import ExperimentConfig
 from loop_ray.evaluation.evaluate import evaluate_policy
 from loop_ray.evaluation.heldout import eval_prompt_indices
 from loop_ray.prompts import load_prompts
-from loop_ray.rewards.checks import InvalidRewardsError, describe_problems
 from loop_ray.rewards.composite import CompositeReward
 from loop_ray.training.learner_metrics import learner_record
-from loop_ray.training.plan import plan_iteration
+from loop_ray.training.sample_score import sample_and_score
 from loop_ray.training.torch_engine import TorchEngine
 from loop_ray.training.update import (
     build_learner_policy,
@@ -34,8 +32,6 @@ from loop_ray.training.update import (
     num_trainable_steps,
     update_on_shard,
 )
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,34 +55,9 @@ class SingleProcessRun:
         self.images_seen = 0
 
     def sample_and_score(self, iteration: int):
-        """Iteration `iteration`'s trajectories (the plan's prompts and seeds) with rewards and
-        advantages attached, and the number of groups rejected for an invalid reward (left out of
-        the batch); InvalidRewardsError when every group was."""
-        cfg, k = self.cfg, self.cfg.sampling.k
-        plan = plan_iteration(cfg, self.train_set, iteration)
-        batch = self.policy.sample(
-            plan.prompts, k, plan.seeds, prompt_ids=plan.prompt_ids, group_ids=plan.group_ids,
-            batch_size=cfg.sampling.batch_size, version=iteration, sde_steps=plan.sde_steps,
-            group_noise=cfg.sampling.group_noise,
-        )
-        scores = self.reward.score_checked(batch.images, batch.prompts)
-        rewards = torch.as_tensor(scores.total, dtype=torch.float32).view(-1, k)
-        valid = torch.isfinite(rewards).all(dim=1)  # [G]: a group with any invalid reward is rejected
-        rejected = int((~valid).sum())
-        if not valid.any():
-            raise InvalidRewardsError(iteration, rejected, scores.problems)
-        if rejected:
-            log.warning("iteration %d: %d groups rejected for invalid rewards (not learned from): %s",
-                        iteration, rejected, describe_problems(scores.problems))
-            batch = batch.select(valid.repeat_interleave(k).nonzero().flatten())
-        advantages = compute_advantages(
-            rewards[valid], cfg.algorithm.advantage, std_eps=cfg.algorithm.std_eps,
-            stat_tracker=self.stat_tracker, prompts=[p for p, ok in zip(plan.prompts, valid.tolist()) if ok],
-        )
-        generator = torch.Generator().manual_seed(control_seed(cfg.seed, iteration))
-        advantages = apply_control(advantages, cfg.algorithm.control, generator).flatten()
-        batch.rewards, batch.advantages = rewards[valid].flatten(), advantages
-        return batch, rejected
+        """Iteration `iteration`'s scored trajectories and the number of groups rejected
+        (loop_ray.training.sample_score)."""
+        return sample_and_score(self.cfg, self.policy, self.reward, self.train_set, iteration, self.stat_tracker)
 
     def learn(self, batch, iteration: int) -> dict:
         seed = int(np.random.SeedSequence([self.cfg.seed, iteration, 0]).generate_state(1)[0])

@@ -1,7 +1,7 @@
 """TorchEngine: the part of DeepSpeed's engine API that `update_on_shard` uses, over plain torch.
 
 For single-process runs where DeepSpeed is absent or pointless (the study on one GPU, the
-benchmarks' no-Ray baseline): AdamW with the learner's settings, gradient accumulation over
+benchmarks' no-Ray baseline): the learner's optimizer (`build_optimizer`: AdamW or SGD), gradient accumulation over
 `grad_accum_steps` micro-steps (each loss divided by it, as DeepSpeed does), and clipping of the
 global gradient norm to `learner.max_grad_norm` before the optimizer step. The UNet is not wrapped.
 """
@@ -11,15 +11,14 @@ from __future__ import annotations
 import torch
 
 from loop_ray.config import ExperimentConfig
+from loop_ray.training.deepspeed_engine import build_optimizer
 
 
 class TorchEngine:
     def __init__(self, cfg: ExperimentConfig, params, grad_accum_steps: int):
         lrn = cfg.learner
         self.params = [p for p in params if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=lrn.lr, betas=tuple(lrn.adam_betas), eps=lrn.adam_eps, weight_decay=lrn.weight_decay
-        )
+        self.optimizer = build_optimizer(cfg, self.params)
         self.gradient_accumulation_steps = grad_accum_steps
         self.max_grad_norm = lrn.max_grad_norm
         self.micro_steps = 0

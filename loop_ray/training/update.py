@@ -7,7 +7,8 @@ iteration's `sde_steps`, without the first `skip_first_steps` and last `skip_las
 as in DDPO. A micro-step is one minibatch at one
 sampled step per sample: the log-probs are recomputed under the current weights (same CFG as
 sampling), the advantages clamped to +-adv_clip_max, and the clipped importance-sampling loss of
-`loop_ray.algorithms.policy_loss` (plus kl_beta times the KL to the reference policy when
+`loop_ray.algorithms.policy_loss`, with each step's advantages scaled by its `algorithm.step_weight`
+(plus kl_beta times the KL to the reference policy when
 `algorithm.kl_beta` > 0) back-propagated. Gradients accumulate over the sampled steps and
 `minibatches_per_step` minibatches before one optimizer step (DeepSpeed's accumulation boundary).
 """
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loop_ray.algorithms import policy_loss
+from loop_ray.algorithms import policy_loss, step_loss_weights
 from loop_ray.config import ExperimentConfig
 from loop_ray.training.deepspeed_engine import engine_grad_norm, held_grad_norm
 from loop_ray.trajectory import TrajectoryBatch
@@ -57,6 +58,15 @@ def num_trainable_steps(cfg: ExperimentConfig, policy) -> int:
     return len(policy.trainable_steps(algo.skip_first_steps, algo.skip_last_steps, sde_steps))
 
 
+def policy_step_weights(policy, steps: torch.Tensor, mode: str) -> torch.Tensor | None:
+    """The per-step loss weights w_j [T] of `algorithm.step_weight` for the trained step indices
+    `steps` [B, n] (loop_ray.algorithms.step_loss_weights); None for `none` (every weight 1)."""
+    if mode == "none":
+        return None
+    every = torch.arange(policy.num_steps)
+    return step_loss_weights(policy.sigmas, policy.mean_gain(every), steps.unique(), mode)
+
+
 @dataclass
 class _Log:
     values: dict[str, list[float]] = field(default_factory=dict)
@@ -79,6 +89,7 @@ def update_on_shard(
     steps = policy.trainable_steps_of(batch, algo.skip_first_steps, algo.skip_last_steps)  # [B, n]
     n_steps = train_steps_per_sample(cfg, steps.shape[1])
     advantages = advantages.to(torch.float32).clamp(-algo.adv_clip_max, algo.adv_clip_max)
+    weights = policy_step_weights(policy, steps, algo.step_weight)  # [T] or None
     params = policy.trainable_parameters()
     log, first_dev = _Log(), 0.0
     num_samples, start = len(batch), time.perf_counter()
@@ -98,7 +109,8 @@ def update_on_shard(
                 else:
                     logp_new, kl = policy.log_prob(sub, step_idx), None
                 logp_old = sub.log_probs.gather(1, step_idx[:, None]).squeeze(1).to(logp_new.device)
-                loss, m = policy_loss(logp_new, logp_old, adv.to(logp_new.device), algo.clip_eps, algo.importance_sampling)
+                adv_j = adv if weights is None else adv * weights[step_idx]  # -min(rho A w, clip(rho) A w), w > 0
+                loss, m = policy_loss(logp_new, logp_old, adv_j.to(logp_new.device), algo.clip_eps, algo.importance_sampling)
                 if kl is not None:
                     kl = kl.mean()
                     loss = loss + algo.kl_beta * kl

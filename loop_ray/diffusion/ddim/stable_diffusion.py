@@ -88,16 +88,20 @@ def load_components(path_or_id: str, revision: str | None = None, dtype: str | t
 
 def plain_unet(unet: torch.nn.Module) -> torch.nn.Module:
     """The UNet (or any diffusers model: an SD3 / FLUX transformer) to save: the module itself without
-    adapters, or an adapter-free copy of its class with the LoRA updates merged into its weights (built
-    on the CPU; the live module is left untouched)."""
-    from loop_ray.diffusion.lora import has_lora, merged_state_dict
+    adapters or gains, or a plain copy of its class with the LoRA updates or the condition gains
+    merged into its weights (built on the CPU; the live module is left untouched)."""
+    from loop_ray.diffusion import condition_gain, lora
 
     unet = getattr(unet, "module", unet)  # a DeepSpeed engine / DDP wrapper
     unet = getattr(unet, "_orig_mod", unet)  # torch.compile
-    if not has_lora(unet):
+    if lora.has_lora(unet):
+        state = lora.merged_state_dict(unet)
+    elif condition_gain.has_condition_gain(unet):
+        state = condition_gain.merged_state_dict(unet)
+    else:
         return unet
     plain = type(unet).from_config(unet.config)
-    plain.load_state_dict(merged_state_dict(unet), strict=True, assign=True)  # keeps the weights' dtype
+    plain.load_state_dict(state, strict=True, assign=True)  # keeps the weights' dtype
     return plain
 
 
