@@ -106,7 +106,7 @@ def test_velocity_and_eps_parametrisations_give_the_same_loss():
     x_t = noised(x0, noise, alpha, sigma)
     v_theta = target(x0, noise, alpha, sigma, "velocity") + 0.3 * torch.randn(x0.shape, generator=g, dtype=x0.dtype)
     v_old = v_theta + 0.2 * torch.randn(x0.shape, generator=g, dtype=x0.dtype)
-    to_eps = lambda v: x_t + (1 - s).view(-1, 1, 1, 1) * v  # noqa: E731
+    to_eps = lambda v: x_t + (1 - s).view(-1, 1, 1, 1) * v
     r = torch.tensor([0.2, 0.6, 1.0], dtype=torch.float64)
     for adaptive in (True, False):
         a, _ = nft_loss(v_theta, v_old, x_t, x0, alpha, sigma, r, 0.5, "velocity", adaptive)

@@ -23,8 +23,8 @@ import torch
 from loop_ray.config import ExperimentConfig
 from loop_ray.forward_process import (
     ema_update,
-    noised,
     nft_loss,
+    noised,
     old_policy_decay,
     optimality_probability,
     rwr_loss,
