@@ -219,6 +219,10 @@ def policy_loss(
     return loss, metrics
 
 
+# Deterministic sampling with independent noise per sample: DDIM eta 0 / the flow ODE
+_DETERMINISTIC = {"sampling.eta": 0.0, "sampling.flow_noise_level": 0.0, "sampling.group_noise": "independent",
+                  "sampling.sde_window": None, "sampling.sde_steps": None}
+
 # The paper's methods as configurations of one code path: dotted config keys -> values. A preset
 # fills only keys the experiment file leaves unset (see loop_ray.config).
 PRESETS: dict[str, dict[str, object]] = {
@@ -238,16 +242,18 @@ PRESETS: dict[str, dict[str, object]] = {
     # GRPO-style: group mean/std normalisation, clipped importance sampling
     "grpo": {"sampling.k": 4, "algorithm.advantage": "group_std", "algorithm.importance_sampling": True},
     # Forward-process methods (loop_ray.forward_process): clean samples from deterministic sampling
-    # (eta 0 / the flow ODE), trained with the model's own denoising loss, no log-probs.
-    # DiffusionNFT: group mean over the batch std (the authors' global_std, +1e-4), r from the
-    # advantage clipped at adv_clip_max 5, beta 1, the old policy an EMA with decay min(0.001 i, 0.5)
-    # (the authors' config/nft.py defaults: decay_type 1, beta 1.0; K 24 there, 4 here like LOOP)
+    # (eta 0 / the flow ODE, every sample its own noise), trained with the model's own denoising
+    # loss, no log-probs. DiffusionNFT: group mean over the batch std (the authors' global_std,
+    # +1e-4), r from the advantage clipped at adv_clip_max 5, beta 1, the old policy an EMA with decay
+    # min(0.001 i, 0.5), KL weight 1e-4 on the outputs (the authors' config/base.py and config/nft.py
+    # defaults: decay_type 1, beta 1.0, train.beta 1e-4; K 24 there, 4 here like LOOP)
     "nft": {"sampling.k": 4, "algorithm.objective": "nft", "algorithm.advantage": "batch_std",
-            "algorithm.std_eps": 1e-4, "algorithm.importance_sampling": False, "algorithm.inner_epochs": 1,
-            "sampling.eta": 0.0, "sampling.flow_noise_level": 0.0},
-    # Reward-weighted regression (DDPO's RWR baseline): the denoising loss weighted by
-    # exp(A / rwr_temperature), normalised over the batch; group-normalised advantages
-    "rwr": {"sampling.k": 4, "algorithm.objective": "rwr", "algorithm.advantage": "group_std",
+            "algorithm.std_eps": 1e-4, "algorithm.adv_clip_max": 5.0, "algorithm.kl_beta": 1e-4,
             "algorithm.importance_sampling": False, "algorithm.inner_epochs": 1,
-            "sampling.eta": 0.0, "sampling.flow_noise_level": 0.0},
+            **_DETERMINISTIC},
+    # Reward-weighted regression (DDPO's RWR baseline): the denoising loss weighted by
+    # exp(A / rwr_temperature), normalised over the batch; group-normalised advantages, no KL
+    "rwr": {"sampling.k": 4, "algorithm.objective": "rwr", "algorithm.advantage": "group_std",
+            "algorithm.kl_beta": 0.0, "algorithm.importance_sampling": False, "algorithm.inner_epochs": 1,
+            **_DETERMINISTIC},
 }

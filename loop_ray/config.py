@@ -254,6 +254,12 @@ class ExperimentConfig(_Section):
                 f"algorithm.objective={algo.objective!r} trains on clean samples without log-probs: "
                 "set algorithm.importance_sampling=false"
             )
+        if algo.objective != "policy_gradient" and self.sampling.group_noise != "independent":
+            raise ValueError(
+                f"sampling.group_noise={self.sampling.group_noise!r}: algorithm.objective={algo.objective!r} "
+                "learns from the clean samples alone, and shared noise makes a group's samples alike "
+                "(identical under deterministic sampling); use sampling.group_noise=independent"
+            )
         if algo.objective != "policy_gradient" and self.learner.zero_stage == 3:
             raise ValueError(
                 f"algorithm.objective={algo.objective!r}: the old policy swaps weights in place, which "

@@ -35,6 +35,8 @@ METHODS: dict[str, tuple[str, int]] = {
     "loop_k4": ("loop", 4),
     "rloo": ("rloo", 4),
     "grpo": ("grpo", 4),
+    "nft": ("nft", 4),
+    "rwr": ("rwr", 4),
 }
 
 
@@ -46,7 +48,7 @@ def method_overrides(label: str, images_per_iteration: int) -> dict:
     preset, k = METHODS[label]
     if images_per_iteration % k:
         raise ValueError(f"study: images_per_iteration={images_per_iteration} is not divisible by K={k} ({label})")
-    return {**PRESETS[preset], "algorithm.preset": preset, "sampling.k": k,
+    return {"algorithm.objective": "policy_gradient", **PRESETS[preset], "algorithm.preset": preset, "sampling.k": k,
             "sampling.prompts_per_iteration": images_per_iteration // k}
 
 
@@ -81,7 +83,9 @@ def _run_one(job: dict) -> dict:
         "train_images_per_second": history[-1]["images_seen"] / sum(
             h["sample_score_seconds"] + h["learn_seconds"] for h in history
         ) if history else float("nan"),
-        "clip_fraction": float(np.mean([h["learner/clip_fraction"] for h in history])) if history else float("nan"),
+        "clip_fraction": float(np.mean([h.get("learner/clip_fraction", np.nan) for h in history]))
+        if history else float("nan"),
+        "objective": cfg.algorithm.objective,
     }
 
 

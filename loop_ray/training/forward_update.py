@@ -104,6 +104,12 @@ class OldPolicy:
         self.optimizer_steps = int(state["optimizer_steps"])
 
 
+def sampling_policy(policy, old: OldPolicy | None):
+    """The block in which `policy` samples as the samplers do: with theta_old for DiffusionNFT (its
+    samples come from the old policy), with its own weights otherwise."""
+    return old.swapped(policy) if old is not None else contextlib.nullcontext()
+
+
 def update_forward_on_shard(
     engine,
     policy,
@@ -178,6 +184,8 @@ def update_forward_on_shard(
         **out_metrics,
         "grad_norm": out_metrics.get("grad_norm", nan),
         "grad_norm_max": max(values.get("grad_norm", [nan])),
+        # no importance ratio in a forward-process objective: the ratio bounds are undefined
+        **dict.fromkeys(("ratio_min", "ratio_max", "first_ratio_max_abs_dev"), nan),
         "r_mean": float(r.mean()),
         "optimizer_steps": optimizer_steps,
         "micro_steps": len(values.get("loss", [])),

@@ -24,6 +24,7 @@ from loop_ray.evaluation.evaluate import evaluate_policy
 from loop_ray.prompts import load_prompts
 from loop_ray.rewards.checks import InvalidRewardsError, describe_problems
 from loop_ray.rewards.composite import CompositeReward
+from loop_ray.training.forward_update import OldPolicy, sampling_policy, update_forward_on_shard
 from loop_ray.training.plan import plan_iteration
 from loop_ray.training.torch_engine import TorchEngine
 from loop_ray.training.update import (
@@ -58,6 +59,8 @@ class SingleProcessRun:
             StatTracker(a.stat_tracker_buffer, a.stat_tracker_min_count, a.std_eps) if a.advantage == "stat_tracker" else None
         )
         self.images_seen = 0
+        # DiffusionNFT's old policy theta_old: it samples (and is evaluated), theta trains
+        self.old = OldPolicy(self.policy, cfg) if a.objective == "nft" else None
 
     def sample_and_score(self, iteration: int):
         """Iteration `iteration`'s trajectories (the plan's prompts and seeds) with rewards and
@@ -65,11 +68,12 @@ class SingleProcessRun:
         the batch); InvalidRewardsError when every group was."""
         cfg, k = self.cfg, self.cfg.sampling.k
         plan = plan_iteration(cfg, self.train_set, iteration)
-        batch = self.policy.sample(
-            plan.prompts, k, plan.seeds, prompt_ids=plan.prompt_ids, group_ids=plan.group_ids,
-            batch_size=cfg.sampling.batch_size, version=iteration, sde_steps=plan.sde_steps,
-            group_noise=cfg.sampling.group_noise,
-        )
+        with sampling_policy(self.policy, self.old):
+            batch = self.policy.sample(
+                plan.prompts, k, plan.seeds, prompt_ids=plan.prompt_ids, group_ids=plan.group_ids,
+                batch_size=cfg.sampling.batch_size, version=iteration, sde_steps=plan.sde_steps,
+                group_noise=cfg.sampling.group_noise, clean_only=cfg.algorithm.objective != "policy_gradient",
+            )
         scores = self.reward.score_checked(batch.images, batch.prompts)
         rewards = torch.as_tensor(scores.total, dtype=torch.float32).view(-1, k)
         valid = torch.isfinite(rewards).all(dim=1)  # [G]: a group with any invalid reward is rejected
@@ -91,6 +95,9 @@ class SingleProcessRun:
 
     def learn(self, batch, iteration: int) -> dict:
         seed = int(np.random.SeedSequence([self.cfg.seed, iteration, 0]).generate_state(1)[0])
+        if self.cfg.algorithm.objective != "policy_gradient":
+            return update_forward_on_shard(self.engine, self.policy, batch, batch.advantages, self.cfg,
+                                           torch.Generator().manual_seed(seed), self.old)
         return update_on_shard(
             self.engine, self.policy, batch, batch.advantages, self.cfg, torch.Generator().manual_seed(seed)
         )
@@ -117,7 +124,8 @@ class SingleProcessRun:
         e = self.cfg.eval
         n = max_prompts if max_prompts is not None else e.max_prompts
         indices = _spread(self.val_set.categories, n) if n is not None else None
-        return evaluate_policy(self.policy, self.reward, self.val_set, e.images_per_prompt, e.seed, e.batch_size, indices)
+        with sampling_policy(self.policy, self.old):
+            return evaluate_policy(self.policy, self.reward, self.val_set, e.images_per_prompt, e.seed, e.batch_size, indices)
 
     def run(self, log: Callable[[dict], None] | None = None, before: dict | None = None) -> dict:
         """Evaluate, train `cfg.iterations` iterations, evaluate; returns the history. `before`: the

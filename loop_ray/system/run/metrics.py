@@ -17,7 +17,9 @@ from loop_ray.system.roles.buffer import LearnBatch
 from loop_ray.system.roles.weights import PublishedWeights
 from loop_ray.system.run.rollout import RolloutResult
 
-_MEAN_KEYS = ("loss", "clip_fraction", "approx_kl", "kl_ref", "ratio_mean", "grad_norm", "last_clip_fraction")
+_MEAN_KEYS = ("loss", "clip_fraction", "approx_kl", "kl_ref", "ratio_mean", "grad_norm", "last_clip_fraction",
+              # forward-process objectives (loop_ray.training.forward_update)
+              "old_decay", "r_mean", "nft_positive_loss", "nft_negative_loss", "old_deviation")
 
 
 def scalars(record: dict) -> dict[str, float]:
