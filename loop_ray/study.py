@@ -119,8 +119,13 @@ def markdown_table(summary: dict, budget: int, device: str) -> str:
         "| method | K | " + " | ".join(cats) + " | s/run | img/s |",
         "|---|---|" + "---|" * len(cats) + "---|---|",
     ]
-    first = next(iter(summary.values()))
-    lines.append("| pre-trained | – | " + " | ".join(f"{first['held_out'][c]['before']:.3f}" for c in cats) + " | | |")
+    # the pre-trained model, evaluated with each method's sampler (one row unless a preset changes it)
+    groups: dict[tuple, list[str]] = {}
+    for label, s in summary.items():
+        groups.setdefault(tuple(s["held_out"][c]["before"] for c in cats), []).append(label)
+    for values, labels in groups.items():
+        name = "pre-trained" if len(groups) == 1 else f"pre-trained, sampled as {', '.join(labels)}"
+        lines.append(f"| {name} | – | " + " | ".join(f"{v:.3f}" for v in values) + " | | |")
     for label, s in summary.items():
         cells = " | ".join(f"{s['held_out'][c]['mean']:.3f} ± {s['held_out'][c]['std']:.3f}" for c in cats)
         lines.append(f"| {label} | {s['k']} | {cells} | {s['wall_seconds']:.0f} | {s['train_images_per_second']:.1f} |")
@@ -180,6 +185,10 @@ def _write_json(path: Path, value) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(value))
     tmp.replace(path)
+
+
+# the sampling keys that change how the evaluation samples (it samples every step with the policy's noise)
+_EVAL_SAMPLER_KEYS = ("sampling.eta", "sampling.flow_noise_level", "sampling.flow_sde")
 
 
 def _evaluate_before(data: dict, source: str, overrides: dict, device: str, threads: int) -> dict:
@@ -248,10 +257,11 @@ def run_study(config_path: str, out_dir: Path, methods: list[str], seeds: list[i
                          "seed": seed, "device": device, "threads": threads})
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    before = _cached(out_dir, "before", {"config": data, "extra": extra or {}, "device": device},
-                     lambda: _evaluate_before(data, config_path, base, device, threads))
-    for j in jobs:
-        j["before"] = before
+    for j in jobs:  # the pre-trained model evaluated as the method samples (a preset may set eta 0)
+        sampler = {k: j["overrides"][k] for k in _EVAL_SAMPLER_KEYS if k in j["overrides"]}
+        spec = {"config": data, "extra": extra or {}, "device": device, **({"sampler": sampler} if sampler else {})}
+        j["before"] = _cached(out_dir, "before", spec,
+                              lambda s=sampler: _evaluate_before(data, config_path, {**base, **s}, device, threads))
     runs = _run_all(jobs, out_dir, workers)
     summary = summarise(runs)
     device_name = device
