@@ -68,3 +68,20 @@ def test_rwr_trains_the_weighted_denoising_loss(kind):
     assert record["learner/optimizer_steps"] > 0 and record["learner/r_mean"] > 0
     theta = run.policy.trainable_state_dict()
     assert any(not torch.equal(theta[k], start[k]) for k in theta)
+
+
+def test_study_runs_nft_and_rwr_and_evaluates_the_pretrained_model_with_their_sampler(tmp_path):
+    import json
+
+    from loop_ray.study import main
+
+    out = tmp_path / "study"
+    assert main(["--quick", "--config", "configs/debug.yaml", "--out", str(out), "--methods", "nft", "rwr",
+                 "loop_k4"]) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert [(r["label"], r["objective"]) for r in report["runs"]] == [
+        ("nft", "nft"), ("rwr", "rwr"), ("loop_k4", "policy_gradient")]
+    befores = [json.dumps(r["before"], sort_keys=True) for r in report["runs"]]
+    assert befores[0] == befores[1] != befores[2]  # eta 0 for nft and rwr, the config's eta 1 for LOOP
+    table = (out / "table.md").read_text()
+    assert "| pre-trained, sampled as nft, rwr |" in table and "| pre-trained, sampled as loop_k4 |" in table
