@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-ESTIMATORS = ("none", "prompt_mean", "leave_one_out", "group_std", "stat_tracker")
+ESTIMATORS = ("none", "prompt_mean", "leave_one_out", "group_std", "stat_tracker", "batch_std")
 
 
 def _check_groups(rewards: torch.Tensor, min_k: int, name: str) -> None:
@@ -57,6 +57,14 @@ def group_std_advantages(rewards: torch.Tensor, std_eps: float = 1e-6) -> torch.
     mean = rewards.mean(dim=1, keepdim=True)
     std = rewards.std(dim=1, keepdim=True)
     return (rewards - mean) / (std + std_eps)
+
+
+def batch_std_advantages(rewards: torch.Tensor, std_eps: float = 1e-4) -> torch.Tensor:
+    """A_i = (r_i - mean of its group) / (std over the whole batch + std_eps), the population std
+    (DiffusionNFT's and Flow-GRPO's `global_std` normalisation)."""
+    _check_groups(rewards, 2, "batch_std_advantages")
+    mean = rewards.mean(dim=1, keepdim=True)
+    return (rewards - mean) / (rewards.std(unbiased=False) + std_eps)
 
 
 class StatTracker:
@@ -125,7 +133,7 @@ def compute_advantages(
     """Advantages [G, K] for rewards [G, K] (G prompts, K samples each) by the named estimator.
 
     none: A = r (REINFORCE); prompt_mean: r - mean of the prompt; leave_one_out: LOOP/RLOO;
-    group_std: GRPO-style; stat_tracker: DDPO's per-prompt running mean/std (needs the tracker and
+    group_std: GRPO-style; batch_std: group mean over the batch's std (DiffusionNFT); stat_tracker: DDPO's per-prompt running mean/std (needs the tracker and
     the G prompts).
     """
     rewards = rewards.to(torch.float32)
@@ -139,6 +147,8 @@ def compute_advantages(
         return leave_one_out_advantages(rewards)
     if estimator == "group_std":
         return group_std_advantages(rewards, std_eps)
+    if estimator == "batch_std":
+        return batch_std_advantages(rewards, std_eps)
     if estimator == "stat_tracker":
         if stat_tracker is None or prompts is None:
             raise ValueError("compute_advantages: the stat_tracker estimator needs stat_tracker= and prompts=")
@@ -250,6 +260,10 @@ def policy_loss(
     return loss, metrics
 
 
+# Deterministic sampling with independent noise per sample: DDIM eta 0 / the flow ODE
+_DETERMINISTIC = {"sampling.eta": 0.0, "sampling.flow_noise_level": 0.0, "sampling.group_noise": "independent",
+                  "sampling.sde_window": None, "sampling.sde_steps": None}
+
 # The paper's methods as configurations of one code path: dotted config keys -> values. A preset
 # fills only keys the experiment file leaves unset (see loop_ray.config).
 PRESETS: dict[str, dict[str, object]] = {
@@ -268,4 +282,19 @@ PRESETS: dict[str, dict[str, object]] = {
     "loop": {"sampling.k": 4, "algorithm.advantage": "leave_one_out", "algorithm.importance_sampling": True},
     # GRPO-style: group mean/std normalisation, clipped importance sampling
     "grpo": {"sampling.k": 4, "algorithm.advantage": "group_std", "algorithm.importance_sampling": True},
+    # Forward-process methods (loop_ray.forward_process): clean samples from deterministic sampling
+    # (eta 0 / the flow ODE, every sample its own noise), trained with the model's own denoising
+    # loss, no log-probs. DiffusionNFT: group mean over the batch std (the authors' global_std,
+    # +1e-4), r from the advantage clipped at adv_clip_max 5, beta 1, the old policy an EMA with decay
+    # min(0.001 i, 0.5), KL weight 1e-4 on the outputs (the authors' config/base.py and config/nft.py
+    # defaults: decay_type 1, beta 1.0, train.beta 1e-4; K 24 there, 4 here like LOOP)
+    "nft": {"sampling.k": 4, "algorithm.objective": "nft", "algorithm.advantage": "batch_std",
+            "algorithm.std_eps": 1e-4, "algorithm.adv_clip_max": 5.0, "algorithm.kl_beta": 1e-4,
+            "algorithm.importance_sampling": False, "algorithm.inner_epochs": 1,
+            **_DETERMINISTIC},
+    # Reward-weighted regression (DDPO's RWR baseline): the denoising loss weighted by
+    # exp(A / rwr_temperature), normalised over the batch; group-normalised advantages, no KL
+    "rwr": {"sampling.k": 4, "algorithm.objective": "rwr", "algorithm.advantage": "group_std",
+            "algorithm.kl_beta": 0.0, "algorithm.importance_sampling": False, "algorithm.inner_epochs": 1,
+            **_DETERMINISTIC},
 }

@@ -165,6 +165,20 @@ class AlgorithmConfig(_Section):
     # Per-step loss weight (loop_ray.algorithms.step_loss_weights): none (the paper), sigma (the
     # step's std: cancels the 1/sigma of the log-prob gradient), output (sigma / |d mu / d output|)
     step_weight: Literal[STEP_WEIGHTS] = "none"
+    # What the learner fits (loop_ray.forward_process): `policy_gradient` (the clipped-IS / REINFORCE
+    # loss on stored log-probs: LOOP and the paper's methods), or a forward-process objective on
+    # clean samples: `nft` (DiffusionNFT) or `rwr` (reward-weighted regression). Forward-process
+    # objectives train on the sampler's schedule steps (timestep_fraction, skip_*_steps apply);
+    # with kl_beta > 0 they add kl_beta * mean_d (o_theta - o_ref)^2, the authors' KL term.
+    objective: Literal["policy_gradient", "nft", "rwr"] = "policy_gradient"
+    nft_beta: float = Field(1.0, gt=0.0)  # beta of the implicit policies (authors: 1.0; 0.1 for OCR / multi-reward)
+    nft_adaptive_weight: bool = True  # divide each sample's x_0 error by its detached mean |error|
+    # the old (sampling) policy's EMA decay after optimizer step i: min(rate (i - flat), max), 0 before
+    # `flat` (authors' decay_type 1: 0.001, 0.5, 0; decay_type 2: 0.0075, 0.999, 75)
+    nft_decay_rate: float = Field(0.001, ge=0.0)
+    nft_decay_max: float = Field(0.5, ge=0.0, lt=1.0)
+    nft_decay_flat: int = Field(0, ge=0)
+    rwr_temperature: float = Field(1.0, gt=0.0)  # tau of the RWR weights exp(A / tau)
 
 
 OPTIMIZERS = ("adamw", "sgd")  # loop_ray.training.deepspeed_engine.build_optimizer
@@ -270,7 +284,25 @@ class ExperimentConfig(_Section):
                 f"sampling.k={k}: algorithm.advantage={algo.advantage!r} compares the K samples of a "
                 "prompt and needs sampling.k >= 2"
             )
-        if not algo.importance_sampling and algo.inner_epochs != 1:
+        if algo.objective != "policy_gradient" and algo.importance_sampling:
+            raise ValueError(
+                f"algorithm.objective={algo.objective!r} trains on clean samples without log-probs: "
+                "set algorithm.importance_sampling=false"
+            )
+        if algo.objective != "policy_gradient" and self.sampling.group_noise != "independent":
+            raise ValueError(
+                f"sampling.group_noise={self.sampling.group_noise!r}: algorithm.objective={algo.objective!r} "
+                "learns from the clean samples alone, and shared noise makes a group's samples alike "
+                "(identical under deterministic sampling); use sampling.group_noise=independent"
+            )
+        if algo.objective != "policy_gradient" and self.learner.zero_stage == 3:
+            raise ValueError(
+                f"algorithm.objective={algo.objective!r}: the old policy swaps weights in place, which "
+                "ZeRO stage 3's partitioned parameters do not allow; use learner.zero_stage <= 2"
+            )
+        if algo.advantage == "batch_std" and k < 2:
+            raise ValueError(f"sampling.k={k}: algorithm.advantage='batch_std' needs sampling.k >= 2")
+        if not algo.importance_sampling and algo.inner_epochs != 1 and algo.objective == "policy_gradient":
             raise ValueError(
                 f"algorithm.inner_epochs={algo.inner_epochs}: without importance sampling the objective "
                 "is on-policy, so only one epoch over a batch is valid"

@@ -34,6 +34,8 @@ METHODS: dict[str, tuple[str, int]] = {
     "loop_k4": ("loop", 4),
     "rloo": ("rloo", 4),
     "grpo": ("grpo", 4),
+    "nft": ("nft", 4),
+    "rwr": ("rwr", 4),
 }
 
 
@@ -45,7 +47,7 @@ def method_overrides(label: str, images_per_iteration: int) -> dict:
     preset, k = METHODS[label]
     if images_per_iteration % k:
         raise ValueError(f"study: images_per_iteration={images_per_iteration} is not divisible by K={k} ({label})")
-    return {**PRESETS[preset], "algorithm.preset": preset, "sampling.k": k,
+    return {"algorithm.objective": "policy_gradient", **PRESETS[preset], "algorithm.preset": preset, "sampling.k": k,
             "sampling.prompts_per_iteration": images_per_iteration // k}
 
 
@@ -79,7 +81,9 @@ def _run_one(job: dict) -> dict:
         "wall_seconds": wall,
         "train_images_per_second": history[-1]["images_seen"] / sum(h["iteration_seconds"] for h in history)
         if history else float("nan"),
-        "clip_fraction": float(np.mean([h["learner/clip_fraction"] for h in history])) if history else float("nan"),
+        "clip_fraction": float(np.mean([h.get("learner/clip_fraction", np.nan) for h in history]))
+        if history else float("nan"),
+        "objective": cfg.algorithm.objective,
     }
 
 
@@ -113,8 +117,13 @@ def markdown_table(summary: dict, budget: int, device: str) -> str:
         "| method | K | " + " | ".join(cats) + " | s/run | img/s |",
         "|---|---|" + "---|" * len(cats) + "---|---|",
     ]
-    first = next(iter(summary.values()))
-    lines.append("| pre-trained | – | " + " | ".join(f"{first['held_out'][c]['before']:.3f}" for c in cats) + " | | |")
+    # the pre-trained model, evaluated with each method's sampler (one row unless a preset changes it)
+    groups: dict[tuple, list[str]] = {}
+    for label, s in summary.items():
+        groups.setdefault(tuple(s["held_out"][c]["before"] for c in cats), []).append(label)
+    for values, labels in groups.items():
+        name = "pre-trained" if len(groups) == 1 else f"pre-trained, sampled as {', '.join(labels)}"
+        lines.append(f"| {name} | – | " + " | ".join(f"{v:.3f}" for v in values) + " | | |")
     for label, s in summary.items():
         cells = " | ".join(f"{s['held_out'][c]['mean']:.3f} ± {s['held_out'][c]['std']:.3f}" for c in cats)
         lines.append(f"| {label} | {s['k']} | {cells} | {s['wall_seconds']:.0f} | {s['train_images_per_second']:.1f} |")
@@ -174,6 +183,10 @@ def _write_json(path: Path, value) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(value))
     tmp.replace(path)
+
+
+# the sampling keys that change how the evaluation samples (it samples every step with the policy's noise)
+_EVAL_SAMPLER_KEYS = ("sampling.eta", "sampling.flow_noise_level", "sampling.flow_sde")
 
 
 def _evaluate_before(data: dict, source: str, overrides: dict, device: str, threads: int) -> dict:
@@ -240,10 +253,11 @@ def run_study(config_path: str, out_dir: Path, methods: list[str], seeds: list[i
                          "seed": seed, "device": device, "threads": threads})
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    before = _cached(out_dir, "before", {"config": data, "extra": extra or {}, "device": device},
-                     lambda: _evaluate_before(data, config_path, base, device, threads))
-    for j in jobs:
-        j["before"] = before
+    for j in jobs:  # the pre-trained model evaluated as the method samples (a preset may set eta 0)
+        sampler = {k: j["overrides"][k] for k in _EVAL_SAMPLER_KEYS if k in j["overrides"]}
+        spec = {"config": data, "extra": extra or {}, "device": device, **({"sampler": sampler} if sampler else {})}
+        j["before"] = _cached(out_dir, "before", spec,
+                              lambda s=sampler: _evaluate_before(data, config_path, {**base, **s}, device, threads))
     runs = _run_all(jobs, out_dir, workers)
     summary = summarise(runs)
     device_name = device

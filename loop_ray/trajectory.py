@@ -19,9 +19,11 @@ class TrajectoryBatch:
     group_ids: torch.Tensor  # [B] long: samples of one prompt in one iteration share it
     seeds: torch.Tensor  # [B] long: the per-sample seed of x_T and the step noise (a group's first seed for shared noise)
     prompt_embeds: torch.Tensor  # [B, L, D] text-encoder states of the prompt
-    latents: torch.Tensor  # [B, T+1, C, H, W]: x_T ... x_0 (latents[:, j] is the input of step j)
+    # [B, T+1, C, H, W]: x_T ... x_0 (latents[:, j] is the input of step j); [B, 1, C, H, W] = x_0 alone in
+    # the clean-only record of the forward-process objectives (PolicyBase.sample(clean_only=True))
+    latents: torch.Tensor
     timesteps: torch.Tensor  # [B, T]: the scheduler timestep of step j
-    log_probs: torch.Tensor  # [B, T] float32: logp_old of x_{j+1} given x_j under the behaviour policy
+    log_probs: torch.Tensor  # [B, T] float32: logp_old of x_{j+1} given x_j under the behaviour policy; [B, 0] clean-only
     images: torch.Tensor  # [B, H, W, 3] uint8 decoded x_0
     version: int = 0  # policy version that sampled the batch
     rewards: torch.Tensor | None = None  # [B] float32, after scoring

@@ -171,6 +171,7 @@ class PolicyBase:
         version: int = 0,
         sde_steps: Sequence[int] | torch.Tensor | None = None,
         group_noise: GroupNoise = "independent",
+        clean_only: bool = False,
     ) -> TrajectoryBatch:
         """K trajectories per prompt: B = len(prompts) * K samples, the K of prompt i contiguous.
 
@@ -180,6 +181,8 @@ class PolicyBase:
         sde_steps: the stochastic step indices (None: all); group_noise: see the module docstring.
         Runs without autograd in chunks of `batch_size` samples (default: all at once), under
         autocast to `sample_dtype` on a GPU; log-probs are float32. Tensors come back on the CPU.
+        clean_only: keep only the clean samples x_0 (latents [B, 1, ...], log_probs [B, 0]), the
+        record of the forward-process objectives (loop_ray.forward_process), small on the wire.
         """
         if group_noise not in GROUP_NOISE:
             raise ValueError(f"group_noise={group_noise!r}: expected one of {GROUP_NOISE}")
@@ -205,8 +208,8 @@ class PolicyBase:
                 {n: v[rows] for n, v in cond.items()}, seeds[rows], group_seeds[rows], groups[rows], mask,
                 group_noise,
             )
-            latents.append(x)
-            log_probs.append(logp)
+            latents.append(x[:, -1:] if clean_only else x)
+            log_probs.append(logp[:, :0] if clean_only else logp)
             images.append(img)
         return TrajectoryBatch(
             prompts=[p for p in prompts for _ in range(k)],
@@ -268,6 +271,13 @@ class PolicyBase:
         return xs[-1], xs
 
     # ------------------------------------------------------------------------------- learning
+    parametrisation: str  # what the network outputs (loop_ray.forward_process.PARAMETRISATIONS)
+
+    def forward_coefficients(self, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha, sigma) [n] float64 of the forward process x_t = alpha x_0 + sigma eps at the noise
+        level of sampler step indices `steps`, the input level of `_model_output` at those steps."""
+        raise NotImplementedError
+
     def log_prob(self, batch: TrajectoryBatch, step_indices: torch.Tensor) -> torch.Tensor:
         """log p_theta(latents[:, j+1] | latents[:, j]) of stored transitions, with autograd.
 

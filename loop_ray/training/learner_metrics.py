@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
-# averaged over ranks; kl_ref only with algorithm.kl_beta > 0
-MEAN_KEYS = ("loss", "clip_fraction", "approx_kl", "kl_ref", "ratio_mean", "grad_norm", "last_clip_fraction")
+# averaged over ranks; kl_ref only with algorithm.kl_beta > 0; the last five only for the
+# forward-process objectives (loop_ray.training.forward_update)
+MEAN_KEYS = ("loss", "clip_fraction", "approx_kl", "kl_ref", "ratio_mean", "grad_norm", "last_clip_fraction",
+             "old_decay", "r_mean", "nft_positive_loss", "nft_negative_loss", "old_deviation")
 
 
 def learner_record(per_rank: list[dict]) -> dict:

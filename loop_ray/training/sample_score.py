@@ -21,18 +21,20 @@ from loop_ray.training.plan import plan_iteration
 log = logging.getLogger(__name__)
 
 
-def sample_and_score(cfg, policy, reward, prompt_set, iteration: int, stat_tracker=None, control: str | None = None):
+def sample_and_score(cfg, policy, reward, prompt_set, iteration: int, stat_tracker=None, control: str | None = None,
+                     clean_only: bool = False):
     """(batch, rejected): iteration `iteration`'s trajectories with `batch.rewards` and
     `batch.advantages` [B] attached, and how many groups were rejected for an invalid reward (left
     out of the batch). `control` (default `cfg.algorithm.control`): "shuffle" permutes the
     advantages across the batch with the iteration's control seed. InvalidRewardsError when every
-    group was rejected."""
+    group was rejected. `clean_only`: the record keeps x_0 and its conditioning only (the
+    forward-process objectives need no trajectory)."""
     k, algo = cfg.sampling.k, cfg.algorithm
     plan = plan_iteration(cfg, prompt_set, iteration)
     batch = policy.sample(
         plan.prompts, k, plan.seeds, prompt_ids=plan.prompt_ids, group_ids=plan.group_ids,
         batch_size=cfg.sampling.batch_size, version=iteration, sde_steps=plan.sde_steps,
-        group_noise=cfg.sampling.group_noise,
+        group_noise=cfg.sampling.group_noise, clean_only=clean_only,
     )
     scores = reward.score_checked(batch.images, batch.prompts)
     rewards = torch.as_tensor(scores.total, dtype=torch.float32).view(-1, k)

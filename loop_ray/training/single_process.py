@@ -23,6 +23,7 @@ from loop_ray.evaluation.evaluate import evaluate_policy
 from loop_ray.evaluation.heldout import eval_prompt_indices
 from loop_ray.prompts import load_prompts
 from loop_ray.rewards.composite import CompositeReward
+from loop_ray.training.forward_update import OldPolicy, sampling_policy, update_forward_on_shard
 from loop_ray.training.learner_metrics import learner_record
 from loop_ray.training.sample_score import sample_and_score
 from loop_ray.training.torch_engine import TorchEngine
@@ -53,14 +54,22 @@ class SingleProcessRun:
         self.engine = TorchEngine(cfg, self.policy.trainable_parameters(), grad_accum_steps(cfg, num_trainable))
         self.stat_tracker = StatTracker.for_algorithm(cfg.algorithm)
         self.images_seen = 0
+        # DiffusionNFT's old policy theta_old: it samples (and is evaluated), theta trains
+        self.old = OldPolicy(self.policy, cfg) if cfg.algorithm.objective == "nft" else None
 
     def sample_and_score(self, iteration: int):
         """Iteration `iteration`'s scored trajectories and the number of groups rejected
-        (loop_ray.training.sample_score)."""
-        return sample_and_score(self.cfg, self.policy, self.reward, self.train_set, iteration, self.stat_tracker)
+        (loop_ray.training.sample_score), sampled as the samplers sample (with theta_old for
+        DiffusionNFT; clean samples only for a forward-process objective)."""
+        with sampling_policy(self.policy, self.old):
+            return sample_and_score(self.cfg, self.policy, self.reward, self.train_set, iteration, self.stat_tracker,
+                                    clean_only=self.cfg.algorithm.objective != "policy_gradient")
 
     def learn(self, batch, iteration: int) -> dict:
         seed = int(np.random.SeedSequence([self.cfg.seed, iteration, 0]).generate_state(1)[0])
+        if self.cfg.algorithm.objective != "policy_gradient":
+            return update_forward_on_shard(self.engine, self.policy, batch, batch.advantages, self.cfg,
+                                           torch.Generator().manual_seed(seed), self.old)
         return update_on_shard(
             self.engine, self.policy, batch, batch.advantages, self.cfg, torch.Generator().manual_seed(seed)
         )
@@ -90,7 +99,9 @@ class SingleProcessRun:
         (loop_ray.evaluation.heldout)."""
         e = self.cfg.eval
         indices = eval_prompt_indices(self.cfg, self.val_set)
-        return evaluate_policy(self.policy, self.reward, self.val_set, e.images_per_prompt, e.seed, e.batch_size, indices)
+        with sampling_policy(self.policy, self.old):
+            return evaluate_policy(self.policy, self.reward, self.val_set, e.images_per_prompt, e.seed, e.batch_size,
+                                   indices)
 
     def run(self, log: Callable[[dict], None] | None = None, before: dict | None = None) -> dict:
         """Evaluate, train `cfg.iterations` iterations, evaluate; returns the history. `before`: the

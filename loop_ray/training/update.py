@@ -50,10 +50,15 @@ def build_learner_policy(cfg: ExperimentConfig, device: str):
 
 def num_trainable_steps(cfg: ExperimentConfig, policy) -> int:
     """How many steps of each sample may be trained on (the same in every iteration: a window has a
-    fixed size), from iteration 0's stochastic steps."""
+    fixed size), from iteration 0's stochastic steps; for a forward-process objective, the schedule
+    steps it trains on (`forward_update.forward_steps`)."""
     from loop_ray.diffusion.windows import stochastic_steps
 
     algo = cfg.algorithm
+    if algo.objective != "policy_gradient":
+        from loop_ray.training.forward_update import forward_steps
+
+        return len(forward_steps(cfg, policy.num_steps))
     sde_steps = stochastic_steps(cfg.sampling, 0, cfg.iterations, cfg.seed)
     return len(policy.trainable_steps(algo.skip_first_steps, algo.skip_last_steps, sde_steps))
 

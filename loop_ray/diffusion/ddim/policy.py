@@ -18,7 +18,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from loop_ray.diffusion.ddim.components import SDComponents
-from loop_ray.diffusion.ddim.logprob import ddim_sigma, ddim_step_with_logprob
+from loop_ray.diffusion.ddim.logprob import alphas_at, ddim_sigma, ddim_step_with_logprob
 from loop_ray.diffusion.policy_base import PolicyBase
 
 
@@ -63,6 +63,7 @@ class DDIMPolicy(PolicyBase):
         self.sample_dtype = sample_dtype
         self._init_seed_stream(seed)
         self._empty_embeds: torch.Tensor | None = None
+        self.parametrisation = self.scheduler.config.prediction_type  # epsilon, v_prediction or sample
 
     # ----------------------------------------------------------------------------------- text
     @torch.no_grad()
@@ -118,6 +119,11 @@ class DDIMPolicy(PolicyBase):
         return ddim_step_with_logprob(
             self.scheduler, model_output, self.timesteps[steps], x, eta, prev_sample=prev_sample, noise=noise
         )
+
+    def forward_coefficients(self, steps):
+        """DDPM's variance-preserving process at step j's timestep: (sqrt(abar_t), sqrt(1 - abar_t))."""
+        abar, _ = alphas_at(self.scheduler, self.timesteps[torch.as_tensor(steps).cpu()])
+        return abar.sqrt(), (1 - abar).sqrt()
 
     def _latent_shape(self) -> tuple[int, int, int]:
         config = self._module().config

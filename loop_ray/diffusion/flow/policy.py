@@ -144,6 +144,13 @@ class FlowPolicy(PolicyBase):
         v_uncond, v_cond = out.to(torch.promote_types(out.dtype, torch.float32)).chunk(2)
         return v_uncond + self.guidance_scale * (v_cond - v_uncond)
 
+    parametrisation = "velocity"
+
+    def forward_coefficients(self, steps):
+        """Rectified flow at step j's noise level s_j: (1 - s_j, s_j)."""
+        s = self.schedule[torch.as_tensor(steps).cpu()].to(torch.float64)
+        return 1 - s, s
+
     def _flux_velocity(self, x, t, embeds, pooled):
         """FLUX: packed latents, timestep s = t / 1000, the distilled guidance w as an input."""
         text_ids, image_ids = flux_position_ids(embeds.shape[1], self.height, self.width)

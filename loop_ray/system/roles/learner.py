@@ -27,6 +27,7 @@ from loop_ray.system.launch.cluster import actor_options, role_resources
 from loop_ray.system.roles.waits import wait_for
 from loop_ray.system.roles.weights import ObjectStoreWeightSync, PublishedWeights
 from loop_ray.training.deepspeed_engine import hashed_saves
+from loop_ray.training.forward_update import OldPolicy, update_forward_on_shard
 from loop_ray.training.update import (
     build_learner_policy,
     grad_accum_steps,
@@ -58,6 +59,7 @@ class LearnerWorker:
         # a collective waiting on a lost rank gives up after this long (the driver stops the
         # group at the first rank error well before)
         self.group_timeout = timedelta(seconds=self.cfg.cluster.call_timeout_s)
+        self.old = None  # DiffusionNFT's old policy theta_old (loop_ray.training.forward_update)
 
     def rendezvous_info(self) -> tuple[str, int, str]:
         """(node address, store port, node id) of this worker; rank 0's are the group's. Rank 0
@@ -91,6 +93,8 @@ class LearnerWorker:
         num_trainable = num_trainable_steps(self.cfg, self.policy)
         self.engine = build_engine(self.cfg, self.policy, grad_accum_steps(self.cfg, num_trainable))
         self.weight_sync = ObjectStoreWeightSync()
+        if self.cfg.algorithm.objective == "nft":
+            self.old = OldPolicy(self.policy, self.cfg)
         return self.rank
 
     def train(self, pieces: list, advantages: torch.Tensor, iteration: int) -> dict:
@@ -105,15 +109,20 @@ class LearnerWorker:
         seed = np.random.SeedSequence([self.cfg.seed, iteration, self.rank]).generate_state(1)[0]
         generator = torch.Generator().manual_seed(int(seed))
         self.engine.train()
-        metrics = update_on_shard(self.engine, self.policy, batch, advantages, self.cfg, generator)
+        if self.cfg.algorithm.objective != "policy_gradient":
+            metrics = update_forward_on_shard(self.engine, self.policy, batch, advantages, self.cfg, generator, self.old)
+        else:
+            metrics = update_on_shard(self.engine, self.policy, batch, advantages, self.cfg, generator)
         metrics.update(rank=self.rank, fetch_seconds=fetch_seconds)
         return metrics
 
     def publish(self, version: int) -> PublishedWeights | None:
-        """Rank 0 puts the trainable weights in the object store; the others return None."""
+        """Rank 0 puts the sampling policy's trainable weights in the object store (theta_old for
+        DiffusionNFT, theta otherwise); the others return None."""
         if self.rank != 0:
             return None
-        return self.weight_sync.publish(self.policy.trainable_state_dict(), version)
+        state = self.old.publishable() if self.old is not None else self.policy.trainable_state_dict()
+        return self.weight_sync.publish(state, version)
 
     def weights_digest(self) -> str:
         return state_digest(self.policy.trainable_state_dict())
@@ -133,6 +142,9 @@ class LearnerWorker:
         if self.rank == 0:
             state = self.policy.trainable_state_dict()
             written["trainable.pt"] = write_hashed(folder_path / "trainable.pt", lambda f: torch.save(state, f))
+            if self.old is not None:  # theta_old and its step count: exact resume of DiffusionNFT
+                old = self.old.state_dict()
+                written["old_policy.pt"] = write_hashed(folder_path / "old_policy.pt", lambda f: torch.save(old, f))
             from loop_ray.diffusion.ddim.stable_diffusion import plain_unet
 
             name = getattr(self.policy, "network_name", "unet")  # a flow policy's is "transformer"
@@ -155,6 +167,11 @@ class LearnerWorker:
         )
         if path is None:
             raise FileNotFoundError(f"learner {self.rank}: no DeepSpeed checkpoint {tag!r} under {folder}/deepspeed")
+        if self.old is not None:
+            old_path = Path(folder) / "old_policy.pt"
+            if not old_path.is_file():
+                raise FileNotFoundError(f"learner {self.rank}: {old_path} is missing (algorithm.objective=nft needs it)")
+            self.old.load_state_dict(torch.load(old_path, map_location="cpu", weights_only=True))
         return self.weights_digest()
 
 

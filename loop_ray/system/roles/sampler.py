@@ -84,6 +84,7 @@ class SamplerActor:
             version=self.version,
             sde_steps=sde_steps if design else None,
             group_noise=self.cfg.sampling.group_noise if design else "independent",
+            clean_only=self.cfg.algorithm.objective != "policy_gradient",  # forward-process objectives
         )
         seconds = time.perf_counter() - start
         self.images_done += len(batch)
