@@ -10,7 +10,8 @@ import torch
 
 from loop_ray.config import load_config
 from loop_ray.system.roles.learner import state_digest
-from loop_ray.system.run.driver import main, train
+from loop_ray.cli.train import main
+from loop_ray.system.run.driver import train
 
 pytestmark = pytest.mark.slow
 
