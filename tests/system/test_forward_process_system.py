@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
+from loop_ray.cli.train import main
 from loop_ray.config import load_config
 from loop_ray.system.roles.learner import state_digest
-from loop_ray.cli.train import main
 from loop_ray.system.run.driver import train
 
 pytestmark = pytest.mark.slow
