@@ -73,7 +73,7 @@ def test_rwr_trains_the_weighted_denoising_loss(kind):
 def test_study_runs_nft_and_rwr_and_evaluates_the_pretrained_model_with_their_sampler(tmp_path):
     import json
 
-    from loop_ray.study import main
+    from loop_ray.cli.study import main
 
     out = tmp_path / "study"
     assert main(["--quick", "--config", "configs/debug.yaml", "--out", str(out), "--methods", "nft", "rwr",
