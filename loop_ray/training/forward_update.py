@@ -31,8 +31,7 @@ from loop_ray.forward_process import (
     rwr_weights,
     target,
 )
-from loop_ray.training.deepspeed_engine import engine_grad_norm, held_grad_norm
-from loop_ray.training.update import train_steps_per_sample
+from loop_ray.training.update import backward_and_step, train_steps_per_sample
 from loop_ray.trajectory import TrajectoryBatch
 
 
@@ -150,30 +149,27 @@ def update_forward_on_shard(
                 metrics: dict[str, float] = {}
                 if algo.objective == "nft":
                     with torch.no_grad(), old.swapped(policy):
-                        out_old = policy._model_output(x_t, step_idx, cond)
-                    out = policy._model_output(x_t, step_idx, cond)
+                        out_old = policy.model_output(x_t, step_idx, cond)
+                    out = policy.model_output(x_t, step_idx, cond)
                     terms, metrics = nft_loss(
                         out, out_old, x_t, x0, alpha, sigma, r[idx].to(policy.device), algo.nft_beta,
                         policy.parametrisation, algo.nft_adaptive_weight,
                     )
                     loss = algo.adv_clip_max * terms.mean()  # the authors' scale (forward_process docstring)
                 else:
-                    out = policy._model_output(x_t, step_idx, cond)
+                    out = policy.model_output(x_t, step_idx, cond)
                     goal = target(x0, noise, alpha, sigma, policy.parametrisation)
                     loss = rwr_loss(out, goal, weights[idx].to(policy.device)).mean()
                 if algo.kl_beta > 0:
                     with torch.no_grad(), policy._reference_network():
-                        out_ref = policy._model_output(x_t, step_idx, cond)
+                        out_ref = policy.model_output(x_t, step_idx, cond)
                     kl = ((out - out_ref) ** 2).flatten(1).mean(dim=1).mean()
                     loss = loss + algo.kl_beta * kl
                     metrics["kl_ref"] = kl.item()
-                engine.backward(loss)
-                boundary = engine.is_gradient_accumulation_boundary()
-                held = held_grad_norm(engine, params) if boundary else None
-                engine.step()
-                if boundary:
+                grad_norm = backward_and_step(engine, params, loss)
+                if grad_norm is not None:
                     optimizer_steps += 1
-                    values.setdefault("grad_norm", []).append(engine_grad_norm(engine, held))
+                    values.setdefault("grad_norm", []).append(grad_norm)
                 for key, v in {"loss": loss.item(), **metrics}.items():
                     values.setdefault(key, []).append(float(v))
     out_metrics = {key: sum(v) / len(v) for key, v in values.items()}

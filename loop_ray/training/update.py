@@ -72,6 +72,16 @@ def policy_step_weights(policy, steps: torch.Tensor, mode: str) -> torch.Tensor 
     return step_loss_weights(policy.sigmas, policy.mean_gain(every), steps.unique(), mode)
 
 
+def backward_and_step(engine, params, loss: torch.Tensor) -> float | None:
+    """One micro-step: back-propagate `loss`, let the engine step; at an accumulation boundary (an
+    optimizer step) return the pre-clipping gradient norm, else None."""
+    engine.backward(loss)
+    boundary = engine.is_gradient_accumulation_boundary()
+    held = held_grad_norm(engine, params) if boundary else None
+    engine.step()
+    return engine_grad_norm(engine, held) if boundary else None
+
+
 @dataclass
 class _Log:
     values: dict[str, list[float]] = field(default_factory=dict)
@@ -120,13 +130,10 @@ def update_on_shard(
                     kl = kl.mean()
                     loss = loss + algo.kl_beta * kl
                     m["kl_ref"] = kl.item()
-                engine.backward(loss)
-                boundary = engine.is_gradient_accumulation_boundary()
-                held = held_grad_norm(engine, params) if boundary else None
-                engine.step()
-                if boundary:
+                grad_norm = backward_and_step(engine, params, loss)
+                if grad_norm is not None:
                     optimizer_steps += 1
-                    log.add(grad_norm=engine_grad_norm(engine, held))
+                    log.add(grad_norm=grad_norm)
                 log.add(loss=loss.item(), **m)
                 if optimizer_steps == 0 and mb == 0:  # before any update: the ratio must be 1
                     first_dev = max(first_dev, abs(m["ratio_max"] - 1.0), abs(1.0 - m["ratio_min"]))
