@@ -66,8 +66,10 @@ def restricted(v: torch.Tensor, spans: list[slice]) -> torch.Tensor:
 
 
 def teacher_of(policy, guidance_scale: float):
-    """A frozen copy of `policy` that samples and predicts with classifier-free guidance w."""
-    teacher = copy.deepcopy(policy)
+    """A frozen copy of `policy` that samples and predicts with classifier-free guidance w. Only the
+    network is copied; the text encoder, tokenizer and scheduler (never trained) are shared."""
+    teacher = copy.copy(policy)
+    teacher.unet = copy.deepcopy(policy.unet)
     for p in teacher.unet.parameters():
         p.requires_grad_(False)
     teacher.unet.eval()
@@ -96,13 +98,14 @@ def distill_guidance(
     minibatch: int,
     generator: torch.Generator,
     log: Callable[[str], None] = lambda _msg: None,
+    keep: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d, g): d = theta_after - theta_before of `rounds` rounds of guidance distillation on the
     policy's trainable parameters (Adam, `lr`), and g = -grad of the regression loss at theta_before
     over the first round's states (the distillation's own steepest-descent direction, comparable
     with a gradient where d is Adam's per-weight rescaled path). Each round samples a batch with the
     current student (`sample_round(r)`) and takes one pass over all its (sample, step) states in
-    shuffled minibatches. The policy's weights are restored before returning."""
+    shuffled minibatches. The policy's weights are restored before returning unless `keep`."""
     params = policy.trainable_parameters()
     before = [p.detach().clone() for p in params]
     teacher = teacher_of(policy, guidance_scale)
@@ -131,9 +134,10 @@ def distill_guidance(
             log(f"  distillation round {r + 1}/{rounds}: loss {sum(losses) / len(losses):.5f}")
         return torch.cat([(p.detach() - b).float().flatten().cpu() for p, b in zip(params, before)]), gradient
     finally:
-        with torch.no_grad():
-            for p, b in zip(params, before):
-                p.copy_(b)
+        if not keep:
+            with torch.no_grad():
+                for p, b in zip(params, before):
+                    p.copy_(b)
 
 
 # ------------------------------------------------------------------------------- the runs
@@ -185,7 +189,7 @@ def align(cfg, directions: dict[str, torch.Tensor], *, images: int = 512, every:
     config's own plan (prompts, seeds, stochastic steps, group noise, advantages clamped as the
     learner does, `algorithm.step_weight`)."""
     from loop_ray.algorithms import StatTracker, apply_control, control_seed
-    from loop_ray.diagnose import flat_grad, sample_scored
+    from loop_ray.diagnose import per_prompt_gradients, sample_scored
     from loop_ray.diffusion.factory import build_policy
     from loop_ray.prompts import load_prompts
     from loop_ray.rewards.composite import CompositeReward
@@ -226,16 +230,17 @@ def align(cfg, directions: dict[str, torch.Tensor], *, images: int = 512, every:
             if seen >= images:
                 break
             rows = torch.arange(first, min(first + every, len(batch)))
-            sub = batch.select(rows)
-            for c in range(steps.shape[1]):
-                logp = policy.log_prob(sub, steps[rows, c])
-                if step_w is not None:
-                    logp = logp * step_w[steps[rows, c]].to(logp.device, logp.dtype)
-                j = int(steps[rows[0], c])
-                for i, n in enumerate(names):
-                    g = flat_grad((weights[n][rows].to(logp.device) * logp).sum(), params, retain=i < len(names) - 1)
-                    total[n] += g
-                    per_step.setdefault(j, {m: torch.zeros(dim) for m in names})[n] += g
+            chunk_steps = steps[rows]
+
+            def add_step(c: int, current: dict[str, torch.Tensor], chunk_steps=chunk_steps) -> None:
+                j = int(chunk_steps[0, c])
+                for n in names:
+                    per_step.setdefault(j, {m: torch.zeros(dim) for m in names})[n] += current[n][0]
+
+            sums = per_prompt_gradients(policy, batch.select(rows), len(rows), chunk_steps,
+                                        {n: weights[n][rows] for n in names}, add_step, step_w)
+            for n in names:
+                total[n] += sums[n][0]
             seen += len(rows)
             point = {"images": seen, **cosines(total)}
             curve.append(point)

@@ -80,7 +80,8 @@ class SamplingConfig(_Section):
     sde_window_end: int | None = Field(None, ge=1)  # exclusive; null = num_steps
     # How the K samples of a group share noise (loop_ray.diffusion.policy_base): independent (the
     # paper), branch (shared initial noise and deterministic prefix, parting at the first stochastic
-    # step), shared (every step stochastic, only the sde steps' noise differs within a group)
+    # step), shared (every step stochastic, only the sde steps' noise differs within a group),
+    # antithetic (as shared, the K samples in mirrored pairs: the second draws minus the first's noise)
     group_noise: Literal[GROUP_NOISE] = "independent"
 
     # --- flow-matching models (loop_ray/diffusion/flow/logprob.py); eta is the DDIM models' ---
@@ -288,6 +289,10 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"algorithm.objective={algo.objective!r} trains on clean samples without log-probs: "
                 "set algorithm.importance_sampling=false"
+            )
+        if self.sampling.group_noise == "antithetic" and k % 2:
+            raise ValueError(
+                f"sampling.group_noise='antithetic' forms mirrored pairs within a group: sampling.k={k} must be even"
             )
         if algo.objective != "policy_gradient" and self.sampling.group_noise != "independent":
             raise ValueError(

@@ -161,13 +161,16 @@ def sample_scored(cfg, policy, reward, prompt_set, iteration: int, stat_tracker=
 def per_prompt_gradients(policy, batch, k: int, steps: torch.Tensor, weightings: dict[str, torch.Tensor],
                          on_step=None, step_weights: torch.Tensor | None = None):
     """Step-major: for each trained step column c (steps [B, n]), the per-prompt gradients
-    g_{p,c} = grad sum_{i in p} w_i log p(step c of i) for each weighting w [B]; `on_step(c, {name:
-    [P, D]})` sees them, and the per-prompt totals {name: [P, D]} (summed over steps) are returned.
-    `step_weights` [T] (the config's `algorithm.step_weight`) scales each step's log-prob."""
+    g_{p,c} = grad sum_{i in p} w_i log p(step c of i) for each weighting w [B], p running over
+    consecutive groups of k rows (k = len(batch) gives one gradient of the whole batch);
+    `on_step(c, {name: [P, D]})` sees them, and the per-prompt totals {name: [P, D]} (summed over
+    steps) are returned. `step_weights` [T] (the config's `algorithm.step_weight`) scales each
+    step's log-prob."""
     params = policy.trainable_parameters()
     dim = sum(p.numel() for p in params)
     groups = len(batch) // k
     totals = {name: torch.zeros(groups, dim) for name in weightings}
+    names = list(weightings)
     for c in range(steps.shape[1]):
         current = {name: torch.empty(groups, dim) for name in weightings}
         for p in range(groups):
@@ -175,7 +178,6 @@ def per_prompt_gradients(policy, batch, k: int, steps: torch.Tensor, weightings:
             logp = policy.log_prob(batch.select(rows), steps[rows, c])
             if step_weights is not None:
                 logp = logp * step_weights[steps[rows, c]].to(logp.device, logp.dtype)
-            names = list(weightings)
             for i, name in enumerate(names):
                 w = weightings[name][rows].to(logp.device, logp.dtype)
                 current[name][p] = flat_grad((w * logp).sum(), params, retain=i < len(names) - 1)

@@ -98,6 +98,15 @@ def test_distillation_toward_itself_moves_nothing_and_restores_the_weights():
         assert torch.equal(p.detach(), b)
     teacher = teacher_of(policy, 3.0)
     assert teacher.guidance_scale == 3.0 and not any(p.requires_grad for p in teacher.unet.parameters())
+    # the teacher keeps its own network: moving the student leaves the teacher's prediction as it was
+    x, at, cond = batch.latents[:, 1], torch.ones(4, dtype=torch.long), batch.conditioning()
+    fixed = teacher.model_output(x, at, cond)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.1)
+    assert policy.guidance_scale == 1.0
+    torch.testing.assert_close(teacher.model_output(x, at, cond), fixed, rtol=0, atol=0)
+    assert not torch.allclose(policy.model_output(x, at, cond), fixed)
 
 
 def test_parameter_blocks_cover_the_vector_and_find_cross_attention():

@@ -12,5 +12,5 @@ FLOW_MODEL_KINDS = ("sd3", "flux", "tiny_sd3", "tiny_flux")  # built by loop_ray
 MODEL_KINDS = DDIM_MODEL_KINDS + FLOW_MODEL_KINDS
 TRAINABLE = ("all", "cross_attention", "condition_gain")  # loop_ray.diffusion.trainable.select_trainable
 WINDOW_PLACEMENTS = ("fixed", "random", "sliding")  # loop_ray.diffusion.windows.stochastic_steps
-GROUP_NOISE = ("independent", "branch", "shared")  # loop_ray.diffusion.policy_base.PolicyBase.sample
+GROUP_NOISE = ("independent", "branch", "shared", "antithetic")  # loop_ray.diffusion.policy_base.PolicyBase.sample
 SDE_KINDS = ("sde", "cps")  # loop_ray.diffusion.flow.logprob: Flow-GRPO's SDE step, Flow-CPS's

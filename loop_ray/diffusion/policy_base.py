@@ -19,6 +19,13 @@ DDIM; a flow policy: the SDE form of the flow ODE). This base owns the rest:
                  noise of the trained steps differs, so reward differences within a group come
                  from them, and the leave-one-out baseline of sample i depends only on the other
                  samples' trained-step noise, which is independent of sample i's (unbiased).
+    antithetic   as shared, and the K samples form K/2 mirrored pairs (samples 2m, 2m+1 of the group):
+                 the second of a pair draws the first's noise at the trained steps with its sign
+                 flipped (mirrored sampling of evolution strategies). Each sample is still an exact
+                 sample of the policy. At the first trained step, with leave-one-out advantages,
+                 E[sum_i A_i grad log p_i] = K/(K-1) times the policy gradient (the partner's reward
+                 enters sample i's baseline with the opposite noise): the same direction, without
+                 the part of the reward that is even in the noise, which only adds variance.
 - `log_prob`: the log-prob of stored transitions under the current weights, with autograd;
 - `trainable_steps_of`: per sample, the stochastic steps the learner may train on;
 - the trainable weights a sampler needs from the learner.
@@ -44,7 +51,7 @@ from loop_ray.trajectory import TrajectoryBatch
 
 _SEED_HIGH = 2**62  # seeds are drawn from [0, 2^62): they fit int64 tensors and torch.Generator
 
-GroupNoise = Literal["independent", "branch", "shared"]
+GroupNoise = Literal["independent", "branch", "shared", "antithetic"]
 
 
 class PolicyBase:
@@ -111,6 +118,12 @@ class PolicyBase:
         """The (guided, with this policy's guidance scale) network output at x [B, ...] for step
         indices [B] and conditioning tensors keyed as `TrajectoryBatch.conditioning()` gives them."""
         return self._model_output(x, torch.as_tensor(step_indices, dtype=torch.long), conditioning)
+
+    @torch.no_grad()
+    def reference_output(self, x: torch.Tensor, step_indices: torch.Tensor, conditioning: dict[str, torch.Tensor]):
+        """`model_output` of the reference policy kept by `keep_reference` (no gradient)."""
+        with self._reference_network():
+            return self.model_output(x, step_indices, conditioning)
 
     @torch.no_grad()
     def mean_gain(self, step_indices) -> torch.Tensor:
@@ -193,6 +206,12 @@ class PolicyBase:
         if seeds.numel() != total:
             raise ValueError(f"{seeds.numel()} seeds for {num_prompts} prompts x k={k} = {total} samples")
         group_seeds = seeds.view(num_prompts, k)[:, :1].expand(num_prompts, k).reshape(-1)
+        noise_seeds, signs = seeds, None
+        if group_noise == "antithetic":
+            if k % 2:
+                raise ValueError(f"group_noise='antithetic' pairs the K samples of a group: k={k} must be even")
+            noise_seeds = seeds.view(num_prompts, k // 2, 2)[:, :, :1].expand(num_prompts, k // 2, 2).reshape(-1)
+            signs = torch.tensor([1.0, -1.0]).repeat(total // 2)
         groups = torch.arange(total) // k  # the K samples of prompt i are rows i*K .. i*K+K-1
         default_ids = torch.arange(num_prompts)
         prompt_ids = _per_sample(prompt_ids if prompt_ids is not None else default_ids, num_prompts, k, "prompt_ids")
@@ -205,8 +224,8 @@ class PolicyBase:
         for start in range(0, total, chunk):
             rows = slice(start, min(start + chunk, total))
             x, logp, img = self._sample_chunk(
-                {n: v[rows] for n, v in cond.items()}, seeds[rows], group_seeds[rows], groups[rows], mask,
-                group_noise,
+                {n: v[rows] for n, v in cond.items()}, noise_seeds[rows], group_seeds[rows], groups[rows], mask,
+                group_noise, None if signs is None else signs[rows],
             )
             latents.append(x[:, -1:] if clean_only else x)
             log_probs.append(logp[:, :0] if clean_only else logp)
@@ -226,9 +245,10 @@ class PolicyBase:
         )
 
     @torch.no_grad()
-    def _sample_chunk(self, cond, seeds, group_seeds, groups, mask, group_noise):
+    def _sample_chunk(self, cond, seeds, group_seeds, groups, mask, group_noise, signs=None):
         """One chunk: initial noise ~ N(0, I), then T transitions; returns latents [b, T+1, ...], logp_old
-        [b, T] and uint8 images, all on the CPU."""
+        [b, T] and uint8 images, all on the CPU. `seeds` seed each row's own noise; `signs` [b] (the
+        antithetic pairs) multiply it."""
         own = [torch.Generator().manual_seed(int(s)) for s in seeds]
         shared = [torch.Generator().manual_seed(int(s)) for s in group_seeds] if group_noise != "independent" else own
         shape = (len(seeds), *self._latent_shape())
@@ -243,10 +263,12 @@ class PolicyBase:
                 log_probs += [torch.zeros(len(seeds))] * first
             for j in range(len(trajectory) - 1, self.num_steps):
                 z = draw_noise(shape, own, self.device)
-                if group_noise == "shared":  # both streams advance every step; outside sde_steps the group's is used
+                if signs is not None:
+                    z = z * signs.to(z.device, z.dtype).view(-1, *([1] * (z.dim() - 1)))
+                if group_noise in ("shared", "antithetic"):  # both streams advance every step; outside sde_steps the group's is used
                     z_group = draw_noise(shape, shared, self.device)
                     z = z if mask[j] else z_group
-                eta = self.eta if (mask[j] or group_noise == "shared") else 0.0
+                eta = self.eta if (mask[j] or group_noise in ("shared", "antithetic")) else 0.0
                 steps = torch.full((len(seeds),), j, dtype=torch.long)
                 out = self._model_output(x, steps, cond)
                 x, logp = self._transition(steps, out, x, eta, noise=z)

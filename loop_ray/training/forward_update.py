@@ -161,8 +161,7 @@ def update_forward_on_shard(
                     goal = target(x0, noise, alpha, sigma, policy.parametrisation)
                     loss = rwr_loss(out, goal, weights[idx].to(policy.device)).mean()
                 if algo.kl_beta > 0:
-                    with torch.no_grad(), policy._reference_network():
-                        out_ref = policy.model_output(x_t, step_idx, cond)
+                    out_ref = policy.reference_output(x_t, step_idx, cond)
                     kl = ((out - out_ref) ** 2).flatten(1).mean(dim=1).mean()
                     loss = loss + algo.kl_beta * kl
                     metrics["kl_ref"] = kl.item()

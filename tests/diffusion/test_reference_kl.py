@@ -148,3 +148,22 @@ def test_with_lora_the_reference_is_the_network_with_its_adapters_off():
     copied._reference = base.requires_grad_(False)
     assert (kl > 0).all()
     torch.testing.assert_close(kl, copied.log_prob_and_reference_kl(batch, steps)[1], rtol=0, atol=0)
+
+
+def test_reference_output_is_the_kept_network_and_leaves_the_policy_in_place():
+    policy = _policy()
+    batch = policy.sample(PROMPTS, K, SEEDS)
+    policy.keep_reference()
+    kept = copy.deepcopy(policy.unet)
+    _perturb(policy.unet, 0.05, seed=1)
+    steps = torch.tensor([0, 1, 2, 3])
+    x, cond = batch.latents[torch.arange(len(batch)), steps], batch.conditioning()
+    current = policy.model_output(x, steps, cond)
+    reference = policy.reference_output(x, steps, cond)
+    saved, policy.unet = policy.unet, kept
+    expected = policy.model_output(x, steps, cond)
+    policy.unet = saved
+    torch.testing.assert_close(reference, expected, rtol=0, atol=0)
+    assert not torch.allclose(reference, current)
+    torch.testing.assert_close(policy.model_output(x, steps, cond), current, rtol=0, atol=0)
+    assert not reference.requires_grad

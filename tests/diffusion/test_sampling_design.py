@@ -140,6 +140,61 @@ def test_shared_noise_leave_one_out_gradient_is_unbiased_on_a_gaussian_chain():
     assert abs(ind - exact) < 4 * se_ind and se_ind > 1.5 * se
 
 
+def test_antithetic_pairs_mirror_the_window_noise_and_stay_exact_samples(policy):
+    seeds = list(range(21, 29))  # 2 prompts x K = 4: two mirrored pairs per group
+    batch = policy.sample(PROMPTS, 4, seeds, sde_steps=[3], group_noise="antithetic")
+    lat, logp = batch.latents, batch.log_probs
+    for g in range(2):
+        m = lat[g * 4 : (g + 1) * 4]
+        assert all(torch.equal(m[0, :4], r[:4]) for r in m)  # shared noise up to the window
+        # x_4 = mu(x_3) + sigma z with x_3 shared: a pair's two samples sit symmetrically about mu
+        torch.testing.assert_close(m[0, 4] + m[1, 4], m[2, 4] + m[3, 4], rtol=0, atol=1e-5)
+        assert (m[0, 4] - m[2, 4]).abs().amax() > 1e-2  # the two pairs draw their own noise
+        # |z| is the same within a pair, so is the window step's log-prob
+        torch.testing.assert_close(logp[g * 4, 3], logp[g * 4 + 1, 3], rtol=0, atol=1e-5)
+    recomputed = policy.log_prob(batch, torch.arange(T).expand(len(batch), -1))
+    assert (recomputed - logp).abs().max() <= 1e-5  # exact eta = 1 samples
+    again = policy.sample(PROMPTS, 4, seeds, sde_steps=[3], group_noise="antithetic", batch_size=3)
+    # pairs split across chunks: the same samples up to the batch shape's rounding (as for branch)
+    torch.testing.assert_close(again.latents, batch.latents, rtol=0, atol=1e-3)
+    with pytest.raises(ValueError, match="must be even"):
+        policy.sample(PROMPTS, 3, SEEDS, sde_steps=[3], group_noise="antithetic")
+
+
+def test_antithetic_leave_one_out_gradient_points_along_the_policy_gradient():
+    """The chain of the shared-noise test with the K window noises in mirrored pairs (w, -w):
+    x2 = x1 + theta + sigma w, r = -(x2 - c)^2. Sample i's leave-one-out baseline holds its
+    partner's reward r(-w_i), and E[r(-w) w] = -E[r(w) w], so the estimator's mean is K/(K-1)
+    times the exact gradient -2 (theta - c). Its noise: the reward's part even in w (sigma^2 w^2)
+    cancels within a pair, but a group has K/2 independent draws instead of K. Where the even part
+    dominates (x1 near c - theta, large sigma) the mirrored estimate is the less noisy per unit of
+    gradient; where the linear part does (x1 spread widely) it is the noisier."""
+    gen = torch.Generator().manual_seed(1)
+    groups, k, theta, c = 400_000, 4, 0.3, 1.0
+    factor, exact = k / (k - 1), -2 * (theta - c)
+
+    def noise_and_mean(x1_spread: float, sigma: float, antithetic: bool) -> tuple[float, float]:
+        x1 = x1_spread * torch.randn(groups, 1, generator=gen, dtype=torch.float64)
+        if antithetic:
+            half = torch.randn(groups, k // 2, 1, generator=gen, dtype=torch.float64)
+            w = torch.cat([half, -half], dim=2).reshape(groups, k)
+        else:
+            w = torch.randn(groups, k, generator=gen, dtype=torch.float64)
+        r = -((x1 + theta + sigma * w - c) ** 2)
+        g = (leave_one_out_advantages(r) * w / sigma).mean(1)
+        scale = factor if antithetic else 1.0
+        return float(g.mean()) / scale, float(g.std() / math.sqrt(groups)) / scale
+
+    ratios = {}
+    for regime, spread, sigma in (("even", 0.1, 2.0), ("linear", 2.0, 0.5)):
+        anti, se_anti = noise_and_mean(spread, sigma, antithetic=True)
+        own, se_own = noise_and_mean(spread, sigma, antithetic=False)
+        assert abs(anti - exact) < 4 * se_anti and abs(own - exact) < 4 * se_own, (regime, anti, own, exact)
+        assert abs(anti * factor - exact) > 10 * se_anti * factor  # the factor K/(K-1) is measurable
+        ratios[regime] = se_anti / se_own
+    assert ratios["even"] < 0.6 and ratios["linear"] > 1.0, ratios
+
+
 def test_window_placement_fixed_random_sliding():
     def sampling(**kw):
         return config_from_dict({"sampling": {"num_steps": 10, **kw}}).sampling
@@ -163,6 +218,7 @@ def test_window_placement_fixed_random_sliding():
         ({"sampling": {"num_steps": 4, "sde_steps": [1], "sde_window": 1}}, "sde_steps"),
         ({"sampling": {"num_steps": 8, "sde_window": 2}, "algorithm": {"skip_last_steps": 2}}, "skip_first_steps"),
         ({"sampling": {"group_noise": "forked"}}, "group_noise"),
+        ({"sampling": {"group_noise": "antithetic", "k": 3}}, "sampling.k"),
         ({"model": {"lora_rank": 4, "trainable": "cross_attention"}}, "model.trainable"),
         ({"algorithm": {"control": "negate"}}, "algorithm.control"),
     ],
