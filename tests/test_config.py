@@ -173,7 +173,7 @@ def test_toy_easy_is_toy_with_its_differences():
     easy, toy = (_flat(load_config(f"configs/{n}.yaml").model_dump(mode="json")) for n in ("toy_easy", "toy"))
     assert yaml.safe_load(Path("configs/toy_easy.yaml").read_text())["base"] == "toy.yaml"
     assert {k for k in easy if easy[k] != toy[k]} == {"name", "iterations", "reward.terms", "algorithm.kl_beta",
-                                                       "learner.lr"}
+                                                       "learner.lr", "model.trainable"}
     assert easy["reward.terms"][0]["name"] == "toy_object_area" and easy["algorithm.kl_beta"] == 0.0
 
 

@@ -55,13 +55,24 @@ def test_a_debug_run_checkpoint_is_a_stable_diffusion_pipeline(ray_session, tmp_
 
 
 def test_a_toy_run_checkpoint_loads_as_the_toy_model(ray_session, tmp_path, capsys):
+    from loop_ray.diffusion.condition_gain import add_condition_gain, merged_state_dict
     from loop_ray.toy.model import load_toy_components
 
-    run = train(load_config("configs/toy.yaml", {**TOY_SMALL, "output_dir": str(tmp_path / "runs")})).run_dir
+    cfg = load_config("configs/toy.yaml", {**TOY_SMALL, "output_dir": str(tmp_path / "runs")})
+    assert cfg.model.trainable == "condition_gain"  # make run's design: the checkpoint merges the gains
+    run = train(cfg).run_dir
     ckpt = _use(run, tmp_path, capsys)
     unet = load_toy_components(ckpt).unet.state_dict()
     trained = torch.load(ckpt / "trainable.pt")
-    assert all(torch.equal(unet[k], v) for k, v in trained.items())
+    assert trained and all(k.endswith("condition_gain") for k in trained)
+    assert any(not torch.equal(v, torch.ones_like(v)) for v in trained.values())  # the gains moved
+    # the saved network is the pre-trained one with the trained gains folded into its projections
+    expected = load_toy_components().unet
+    add_condition_gain(expected)
+    expected.load_state_dict(trained, strict=False)
+    merged = merged_state_dict(expected)
+    assert merged.keys() == unet.keys()
+    assert all(torch.equal(unet[k], v) for k, v in merged.items())
 
     # a damaged checkpoint: one line naming it, status 2
     rel = "unet/diffusion_pytorch_model.safetensors"
