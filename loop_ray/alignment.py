@@ -143,19 +143,16 @@ def distill_guidance(
 # ------------------------------------------------------------------------------- the runs
 
 
-def guidance_direction(cfg, *, guidance_scale: float = 2.0, rounds: int = 8, images_per_round: int = 256,
-                       lr: float = 1e-4, minibatch: int = 64, device: str = "cpu", log=print) -> dict:
-    """d of `distill_guidance` for the config's model and trainable subset, the states sampled from
-    the train prompts (plans of iterations 10^6 + r, apart from any training iteration's) with
-    eta = 1 at every step. Returns {"direction": d, "settings": {...}}."""
-    from loop_ray.diffusion.factory import build_policy
+def distillation_rounds(cfg, policy, images_per_round: int) -> Callable[[int], TrajectoryBatch]:
+    """`sample_round(r)` for `distill_guidance`: `images_per_round` samples of the train prompts from
+    the plan of iteration 10^6 + r (apart from any training iteration's), eta = 1 at every step,
+    independent noise, drawn with the policy's current weights."""
     from loop_ray.prompts import load_prompts
     from loop_ray.training.plan import plan_iteration
 
     k = cfg.sampling.k
     if images_per_round % k:
         raise ValueError(f"images_per_round={images_per_round} must be a multiple of sampling.k={k}")
-    policy = build_policy(cfg, device)
     prompt_set = load_prompts(cfg.prompts.train)
     plan_cfg = cfg.model_copy(deep=True)
     plan_cfg.sampling.prompts_per_iteration = images_per_round // k
@@ -166,6 +163,17 @@ def guidance_direction(cfg, *, guidance_scale: float = 2.0, rounds: int = 8, ima
             return policy.sample(plan.prompts, k, plan.seeds, batch_size=cfg.sampling.batch_size, version=0,
                                  group_noise="independent")
 
+    return sample_round
+
+
+def guidance_direction(cfg, *, guidance_scale: float = 2.0, rounds: int = 8, images_per_round: int = 256,
+                       lr: float = 1e-4, minibatch: int = 64, device: str = "cpu", log=print) -> dict:
+    """d of `distill_guidance` for the config's model and trainable subset, the states sampled by
+    `distillation_rounds`. Returns {"direction": d, "settings": {...}}."""
+    from loop_ray.diffusion.factory import build_policy
+
+    policy = build_policy(cfg, device)
+    sample_round = distillation_rounds(cfg, policy, images_per_round)
     generator = torch.Generator().manual_seed(cfg.seed)
     direction, gradient = distill_guidance(policy, guidance_scale, sample_round, rounds=rounds, lr=lr, minibatch=minibatch,
                                  generator=generator, log=log)

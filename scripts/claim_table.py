@@ -13,24 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from scripts.seeds_vs_null import mean_se  # the runs' own statistic, one definition
+
 CATEGORIES = ("two_object", "all", "one_object")
-
-
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else float("nan")
-    return mean, se
-
-
-def _by_category(result: dict) -> dict[str, float]:
-    return {"all": result["mean"], **{c: v["mean"] for c, v in result["categories"].items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
-    from loop_ray.evaluation.evaluate import evaluate_policy, load_policy
+    from loop_ray.evaluation.evaluate import category_means, evaluate_policy, load_policy
     from loop_ray.evaluation.heldout import eval_prompt_indices
     from loop_ray.prompts import load_prompts
     from loop_ray.rewards.composite import CompositeReward
@@ -54,28 +44,26 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{records_path}: no such file (run scripts/seeds_vs_null.py --out {args.runs} first)")
     records = [json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
 
+    def train_scores(cfg, policy) -> dict[str, float]:
+        return category_means(evaluate_policy(policy, CompositeReward.from_config(cfg.reward),
+                                              load_prompts(cfg.prompts.train), args.train_images, args.train_seed,
+                                              cfg.eval.batch_size))
+
     def scores(cfg, policy) -> dict[str, dict[str, float]]:
-        reward = CompositeReward.from_config(cfg.reward)
-        val, train = load_prompts(cfg.prompts.val), load_prompts(cfg.prompts.train)
-        e = cfg.eval
-        out = {"train": _by_category(evaluate_policy(policy, reward, train, args.train_images, args.train_seed,
-                                                     e.batch_size))}
-        out["heldout"] = _by_category(evaluate_policy(policy, reward, val, e.images_per_prompt, e.seed, e.batch_size,
-                                                      eval_prompt_indices(cfg, val)))
-        return out
+        val, e = load_prompts(cfg.prompts.val), cfg.eval
+        heldout = evaluate_policy(policy, CompositeReward.from_config(cfg.reward), val, e.images_per_prompt, e.seed,
+                                  e.batch_size, eval_prompt_indices(cfg, val))
+        return {"train": train_scores(cfg, policy), "heldout": category_means(heldout)}
 
     cfg, policy = load_policy(args.config, args.set)
     pre = scores(cfg, policy)
     policy.guidance_scale = args.guidance
     guided = scores(cfg, policy)
     rows: dict[str, list[dict]] = {"none": [], "shuffle": []}
-    for r in records:
+    for r in records:  # held-out: the run's own figures; train: scored here
         cfg_r, policy_r = load_policy(None, [], r["run_dir"])
-        train = _by_category(evaluate_policy(policy_r, CompositeReward.from_config(cfg_r.reward),
-                                             load_prompts(cfg_r.prompts.train), args.train_images, args.train_seed,
-                                             cfg_r.eval.batch_size))
         rows[r["overrides"]["algorithm.control"]].append({"seed": r["overrides"]["seed"], "heldout": r["after"],
-                                                         "train": train})
+                                                         "train": train_scores(cfg_r, policy_r)})
         print(f"scored {r['run_dir']}", flush=True)
 
     head = "| model | " + " | ".join(f"held-out {c}" for c in CATEGORIES) + " | " + \
@@ -89,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for split in ("heldout", "train"):
             for c in CATEGORIES:
-                m, se = _mean_se([x[split][c] for x in runs])
+                m, se = mean_se([x[split][c] for x in runs])
                 cells.append(f"{m:.3f} ± {se:.3f}")
         return f"| {name} ({len(runs)} seeds) | " + " | ".join(cells) + " |"
 

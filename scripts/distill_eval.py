@@ -20,14 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from loop_ray.alignment import distill_guidance
+    from loop_ray.alignment import distill_guidance, distillation_rounds
     from loop_ray.config import load_config
     from loop_ray.diffusion.factory import build_policy
-    from loop_ray.evaluation.evaluate import evaluate_policy
+    from loop_ray.evaluation.evaluate import category_means, evaluate_policy
     from loop_ray.evaluation.heldout import eval_prompt_indices
     from loop_ray.prompts import load_prompts
     from loop_ray.rewards.composite import CompositeReward
-    from loop_ray.training.plan import plan_iteration
     from loop_ray.utils import pin_threads
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -43,13 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     pin_threads(cfg.cluster.torch_threads)
     policy = build_policy(cfg)
     reward = CompositeReward.from_config(cfg.reward)
-    val, train = load_prompts(cfg.prompts.val), load_prompts(cfg.prompts.train)
+    val = load_prompts(cfg.prompts.val)
     e = cfg.eval
     idx = eval_prompt_indices(cfg, val)
 
     def evaluate(pol) -> dict:
-        r = evaluate_policy(pol, reward, val, e.images_per_prompt, e.seed, e.batch_size, idx)
-        return {"all": r["mean"], **{c: v["mean"] for c, v in r["categories"].items()}}
+        return category_means(evaluate_policy(pol, reward, val, e.images_per_prompt, e.seed, e.batch_size, idx))
 
     t0 = time.perf_counter()
     before = evaluate(policy)
@@ -57,16 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     policy.guidance_scale = args.guidance
     guided = evaluate(policy)
     policy.guidance_scale = guidance
-    k = cfg.sampling.k
-    plan_cfg = cfg.model_copy(deep=True)
-    plan_cfg.sampling.prompts_per_iteration = args.images // k
-
-    def sample_round(r: int):
-        plan = plan_iteration(plan_cfg, train, 1_000_000 + r)
-        with torch.no_grad():
-            return policy.sample(plan.prompts, k, plan.seeds, batch_size=cfg.sampling.batch_size,
-                                 group_noise="independent")
-
+    sample_round = distillation_rounds(cfg, policy, args.images)
     d, _ = distill_guidance(policy, args.guidance, sample_round, rounds=args.rounds, lr=args.lr, minibatch=64,
                             generator=torch.Generator().manual_seed(cfg.seed), log=print, keep=True)
     after = evaluate(policy)

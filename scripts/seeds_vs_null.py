@@ -40,7 +40,7 @@ def _one(config: str, overrides: dict, out: Path) -> dict:
     }
 
 
-def _mean_se(values: list[float]) -> tuple[float, float]:
+def mean_se(values: list[float]) -> tuple[float, float]:
     n = len(values)
     mean = sum(values) / n
     if n < 2:
@@ -57,7 +57,7 @@ def summarise(runs: list[dict]) -> str:
     for c in categories:
         gains = {ctl: [r["after"][c] - r["before"][c] for r in runs if r["overrides"]["algorithm.control"] == ctl]
                  for ctl in ("none", "shuffle")}
-        (mt, st), (mn, sn) = _mean_se(gains["none"]), _mean_se(gains["shuffle"])
+        (mt, st), (mn, sn) = mean_se(gains["none"]), mean_se(gains["shuffle"])
         z = (mt - mn) / math.sqrt(st**2 + sn**2) if st > 0 or sn > 0 else float("nan")
         before = runs[0]["before"][c]
         lines.append(f"| {c} | {before:.3f} | {mt:+.3f} ± {st:.3f} | {mn:+.3f} ± {sn:.3f} | {z:+.1f} | "

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def _one(job: dict) -> dict:
 
     from loop_ray.config import config_from_dict, read_config_data
+    from loop_ray.evaluation.evaluate import category_means
     from loop_ray.training.single_process import SingleProcessRun
     from loop_ray.utils import pin_threads
 
@@ -43,8 +44,8 @@ def _one(job: dict) -> dict:
     h = result["history"]
     return {
         "overrides": job["overrides"],
-        "before": {c: v["mean"] for c, v in result["before"]["categories"].items()} | {"all": result["before"]["mean"]},
-        "after": {c: v["mean"] for c, v in result["after"]["categories"].items()} | {"all": result["after"]["mean"]},
+        "before": category_means(result["before"]),
+        "after": category_means(result["after"]),
         "train_reward": [round(x["train/reward_mean"], 4) for x in h],
         "approx_kl": [round(x["learner/approx_kl"], 6) for x in h],
         "clip_fraction": [round(x["learner/clip_fraction"], 3) for x in h],

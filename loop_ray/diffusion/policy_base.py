@@ -254,6 +254,8 @@ class PolicyBase:
         shape = (len(seeds), *self._latent_shape())
         x = draw_noise(shape, shared, self.device)
         first = int(mask.nonzero()[0])  # the first stochastic step: where a branched group parts
+        every_step_stochastic = group_noise in ("shared", "antithetic")  # the group's noise outside sde_steps
+        sign = None if signs is None else signs.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
         trajectory, log_probs = [x], []
         use_autocast = self.device.type == "cuda" and self.sample_dtype != torch.float32
         with torch.autocast(self.device.type, dtype=self.sample_dtype, enabled=use_autocast):
@@ -263,12 +265,12 @@ class PolicyBase:
                 log_probs += [torch.zeros(len(seeds))] * first
             for j in range(len(trajectory) - 1, self.num_steps):
                 z = draw_noise(shape, own, self.device)
-                if signs is not None:
-                    z = z * signs.to(z.device, z.dtype).view(-1, *([1] * (z.dim() - 1)))
-                if group_noise in ("shared", "antithetic"):  # both streams advance every step; outside sde_steps the group's is used
+                if sign is not None:
+                    z = z * sign
+                if every_step_stochastic:  # both streams advance every step; outside sde_steps the group's is used
                     z_group = draw_noise(shape, shared, self.device)
                     z = z if mask[j] else z_group
-                eta = self.eta if (mask[j] or group_noise in ("shared", "antithetic")) else 0.0
+                eta = self.eta if (mask[j] or every_step_stochastic) else 0.0
                 steps = torch.full((len(seeds),), j, dtype=torch.long)
                 out = self._model_output(x, steps, cond)
                 x, logp = self._transition(steps, out, x, eta, noise=z)

@@ -116,6 +116,11 @@ def finite_mean(values: np.ndarray, std: bool = False) -> float:
     return float(values.std() if std else values.mean())
 
 
+def category_means(result: dict) -> dict[str, float]:
+    """{"all": mean, category: mean, ...} of an `evaluate_policy` result."""
+    return {"all": result["mean"], **{c: v["mean"] for c, v in result["categories"].items()}}
+
+
 def format_table(result: dict) -> str:
     """The per-category table of an `evaluate_policy` result, with an "all" row."""
     lines = [f"{'category':<24}{'prompts':>8}{'images':>8}{'reward':>9}{'std':>8}"]
