@@ -244,13 +244,16 @@ def run_study(config_path: str, out_dir: Path, methods: list[str], seeds: list[i
 
     data = read_config_data(config_path)
     base = {"iterations": iterations, **(extra or {})}
-    jobs = []
+    if not seeds:
+        raise ValueError("study: no seeds to run (--seeds must be at least 1)")
+    per_method = {}
     for label in methods:
-        overrides = {**base, **method_overrides(label, images_per_iteration)}
-        config_from_dict(data, source=config_path, overrides=overrides)  # fail fast, before any run
-        for seed in seeds:
-            jobs.append({"config": data, "source": config_path, "overrides": overrides, "label": label,
-                         "seed": seed, "device": device, "threads": threads})
+        per_method[label] = {**base, **method_overrides(label, images_per_iteration)}
+        config_from_dict(data, source=config_path, overrides=per_method[label])  # fail fast, before any run
+    # seed-major: every method's first seed runs before any second seed, so a study stopped early
+    # (its finished runs are cached) already compares every method
+    jobs = [{"config": data, "source": config_path, "overrides": per_method[label], "label": label,
+             "seed": seed, "device": device, "threads": threads} for seed in seeds for label in methods]
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     for j in jobs:  # the pre-trained model evaluated as the method samples (a preset may set eta 0)

@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="configs/study.yaml", help="base experiment (default: configs/study.yaml)")
     p.add_argument("--out", default="runs/study", help="output folder")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method (0, 1, ..., N-1); at least 1")
     p.add_argument("--images-per-iteration", type=int, default=96, help="divisible by every K (default 96)")
     p.add_argument("--iterations", type=int, default=None, help="default: the config's")
     p.add_argument("--device", default="cpu")
@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override for every run (e.g. eval.max_prompts=20); not the keys each method sets")
     args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error(f"--seeds must be at least 1 (got {args.seeds})")
     from loop_ray.config import load_config, parse_overrides
     from loop_ray.utils import output_folder
 

@@ -73,3 +73,29 @@ def test_default_study_config_resolves_for_every_method():
         cfg = config_from_dict(data, "configs/study.yaml", method_overrides(label, 96))
         assert cfg.sampling.k * cfg.sampling.prompts_per_iteration == 96
         assert cfg.eval.images_per_prompt == 10  # the paper's evaluation
+
+
+def test_study_runs_seed_major_and_refuses_no_seeds(tmp_path, monkeypatch):
+    """Every method's first seed is queued before any second seed (a study stopped early already
+    compares every method); --seeds 0 is refused before anything runs."""
+    import pytest
+
+    from loop_ray import study
+    from loop_ray.cli.study import main
+
+    queued = []
+
+    def fake_run_all(jobs, out_dir, workers):
+        queued.extend((j["label"], j["seed"]) for j in jobs)
+        raise RuntimeError("stop after queueing")
+
+    monkeypatch.setattr(study, "_run_all", fake_run_all)
+    monkeypatch.setattr(study, "_evaluate_before", lambda *a, **k: {"mean": 0.0, "categories": {}})
+    with pytest.raises(RuntimeError, match="stop after queueing"):
+        study.run_study("configs/debug.yaml", tmp_path / "s", ["reinforce", "loop_k2"], [0, 1], 12, 1,
+                        "cpu", 1, 1)
+    assert queued == [("reinforce", 0), ("loop_k2", 0), ("reinforce", 1), ("loop_k2", 1)]
+    with pytest.raises(ValueError, match="no seeds"):
+        study.run_study("configs/debug.yaml", tmp_path / "s", ["reinforce"], [], 12, 1, "cpu", 1, 1)
+    with pytest.raises(SystemExit):
+        main(["--seeds", "0", "--out", str(tmp_path / "t")])
