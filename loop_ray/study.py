@@ -256,11 +256,14 @@ def run_study(config_path: str, out_dir: Path, methods: list[str], seeds: list[i
              "seed": seed, "device": device, "threads": threads} for seed in seeds for label in methods]
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    for j in jobs:  # the pre-trained model evaluated as the method samples (a preset may set eta 0)
-        sampler = {k: j["overrides"][k] for k in _EVAL_SAMPLER_KEYS if k in j["overrides"]}
+    before = {}
+    for label, overrides in per_method.items():  # the pre-trained model evaluated as the method samples
+        sampler = {k: overrides[k] for k in _EVAL_SAMPLER_KEYS if k in overrides}  # (a preset may set eta 0)
         spec = {"config": data, "extra": extra or {}, "device": device, **({"sampler": sampler} if sampler else {})}
-        j["before"] = _cached(out_dir, "before", spec,
-                              lambda s=sampler: _evaluate_before(data, config_path, {**base, **s}, device, threads))
+        before[label] = _cached(out_dir, "before", spec,
+                                lambda s=sampler: _evaluate_before(data, config_path, {**base, **s}, device, threads))
+    for j in jobs:
+        j["before"] = before[j["label"]]
     runs = _run_all(jobs, out_dir, workers)
     summary = summarise(runs)
     device_name = device
